@@ -1,0 +1,43 @@
+"""The OpenVLA family: model, checkpoint I/O, tokenizers, processor, the policy API, LoRA and 8-bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.models.config import PRESETS, VLAConfig, preset
+from trainer.models.loading import build_model, load_vla, manifest, save_vla
+from trainer.models.openvla import OpenVLA
+from trainer.models.policy import ActResult, EnvSettings, EvalResult, PolicyInputs, VLAPolicy
+from trainer.models.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+__all__ = [
+    "PRESETS", "VLAConfig", "preset", "build_model", "load_vla", "manifest", "save_vla", "OpenVLA", "ActResult",
+    "EnvSettings", "EvalResult", "PolicyInputs", "VLAPolicy", "build_tiny_tokenizer", "load_tokenizer",
+    "load_model_and_tokenizer", "save_tiny_checkpoint",
+]
+
+
+def _tiny(name: str, seed: int):
+    config = preset(name)
+    return build_model(config, seed=seed), build_tiny_tokenizer(config.base_vocab_size)
+
+
+def load_model_and_tokenizer(source: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                             device: str | torch.device = "cpu", family: str | None = None):
+    """`source` is a tiny preset ("tiny", "tiny-oft": random init, seeded) or a local checkpoint directory."""
+    if source in ("tiny", "tiny-oft"):
+        model, tokenizer = _tiny(source, seed)
+        return model.to(device=device, dtype=dtype), tokenizer
+    if source in PRESETS:
+        raise ValueError(
+            f"preset {source!r} has no weights here (no model hub): pass the local directory of the checkpoint "
+            f"(config.json, *.safetensors, tokenizer files), or use the 'tiny' / 'tiny-oft' presets")
+    model = load_vla(source, dtype=dtype, device=device, family=family)
+    return model, load_tokenizer(source)
+
+
+def save_tiny_checkpoint(directory: str | Path, name: str = "tiny", seed: int = 0, max_shard_size="7GB") -> Path:
+    model, tokenizer = _tiny(name, seed)
+    return save_vla(model, directory, tokenizer=tokenizer, max_shard_size=max_shard_size)

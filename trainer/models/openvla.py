@@ -1,0 +1,302 @@
+"""OpenVLA and OpenVLA-OFT, written from the facts in OPENVLA_SPEC (no remote code).
+
+Module names reproduce the released checkpoint's parameter names exactly:
+``vision_backbone.featurizer.*`` (DINOv2 ViT-L/14 + 4 registers), ``vision_backbone.fused_featurizer.*`` (SigLIP
+SO400M/14), ``projector.fc{1,2,3}.*``, ``language_model.*`` (transformers' LlamaForCausalLM); OFT adds
+``proprio_projector.fc{1,2}.*`` and ``action_head.model.*``, which the OFT release ships as separate files.
+
+Sequence layout. Every sample is laid out as
+
+    [BOS] [image patches] [proprio (OFT)] [PAD ... PAD] [prompt after BOS] [space] [actions]
+
+Padding sits between the fixed-size multimodal prefix and the prompt, so all sequences of a batch end at the same
+index: the action positions are one slice for the whole batch. Position ids are the running count of real tokens,
+so a padded sample gets exactly the positions (and, since pads are masked, exactly the outputs) it gets alone.
+
+One entry point, ``forward``, serves everything (prefill, cached decoding steps, the training forward); wrappers such
+as DDP, FSDP2 and PEFT only see calls of the top module's forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import DynamicCache
+
+from trainer.models.config import VLAConfig
+
+
+class LayerScale(nn.Module):
+    """timm's LayerScale with the parameter named ``scale_factor``, as in the HF port (transformers renames gamma)."""
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.scale_factor = nn.Parameter(init.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale_factor
+
+
+def create_vit(model_id: str, overrides: dict) -> nn.Module:
+    vit = timm.create_model(model_id, pretrained=False, num_classes=0, **overrides)
+    for block in vit.blocks:
+        for name in ("ls1", "ls2"):
+            layer = getattr(block, name)
+            if isinstance(layer, timm.layers.LayerScale):
+                setattr(block, name, LayerScale(layer.gamma))
+    return vit
+
+
+def vit_patch_features(vit: nn.Module, images: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    """Output of the second-to-last block, prefix tokens (CLS, registers) dropped; the last block is never run."""
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+    for block in vit.blocks[:-1]:
+        if checkpointing and x.requires_grad:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x[:, vit.num_prefix_tokens:]
+
+
+class FusedVisionBackbone(nn.Module):
+    def __init__(self, config: VLAConfig):
+        super().__init__()
+        dino_id, siglip_id = config.timm_model_ids
+        dino_kwargs, siglip_kwargs = config.trainer.timm_model_kwargs
+        self.featurizer = create_vit(dino_id, {"img_size": config.image_size, **dino_kwargs})
+        self.fused_featurizer = create_vit(siglip_id, {"img_size": config.image_size, **siglip_kwargs})
+        self.embed_dim = self.featurizer.embed_dim + self.fused_featurizer.embed_dim
+        self.gradient_checkpointing = False
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 6, S, S] (DINOv2-normalised channels, then SigLIP-normalised) -> [N, patches, 2176]."""
+        dino = vit_patch_features(self.featurizer, pixel_values[:, :3], self.gradient_checkpointing)
+        siglip = vit_patch_features(self.fused_featurizer, pixel_values[:, 3:], self.gradient_checkpointing)
+        return torch.cat([dino, siglip], dim=2)
+
+
+class Projector(nn.Module):
+    """no-align+fused-gelu-mlp: 2176 -> 4·2176 -> 4096 -> 4096 with exact GELU between."""
+
+    def __init__(self, vision_dim: int, llm_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(vision_dim, 4 * vision_dim)
+        self.fc2 = nn.Linear(4 * vision_dim, llm_dim)
+        self.fc3 = nn.Linear(llm_dim, llm_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
+
+
+class ProprioProjector(nn.Module):
+    def __init__(self, proprio_dim: int, llm_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(proprio_dim, llm_dim)
+        self.fc2 = nn.Linear(llm_dim, llm_dim)
+
+    def forward(self, proprio: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(proprio)))
+
+
+class MLPResNetBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.ffn = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ffn(x)
+
+
+class MLPResNet(nn.Module):
+    def __init__(self, num_blocks: int, input_dim: int, hidden_dim: int, output_dim: int):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(input_dim)
+        self.fc1 = nn.Linear(input_dim, hidden_dim)
+        self.mlp_resnet_blocks = nn.ModuleList([MLPResNetBlock(hidden_dim) for _ in range(num_blocks)])
+        self.layer_norm2 = nn.LayerNorm(hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(self.layer_norm1(x)))
+        for block in self.mlp_resnet_blocks:
+            x = block(x)
+        return self.fc2(self.layer_norm2(x))
+
+
+class L1RegressionActionHead(nn.Module):
+    """OFT's continuous head: the 7 hidden states of one timestep, concatenated, -> 7 normalised action values."""
+
+    def __init__(self, llm_dim: int, action_dim: int):
+        super().__init__()
+        self.action_dim = action_dim
+        self.model = MLPResNet(num_blocks=2, input_dim=llm_dim * action_dim, hidden_dim=llm_dim,
+                               output_dim=action_dim)
+
+    def forward(self, action_hidden: torch.Tensor) -> torch.Tensor:
+        batch, slots, dim = action_hidden.shape
+        return self.model(action_hidden.reshape(batch, slots // self.action_dim, self.action_dim * dim))
+
+
+@dataclass
+class VLAOutput:
+    action_logits: torch.Tensor  # [B, n_positions, n_bins]: logits over the action vocabulary
+    value_hidden: torch.Tensor | None  # [B, H]: hidden state just before the first action token
+    action_hidden: torch.Tensor | None = None  # [B, 56, H] (OFT): inputs of the L1 head
+    past_key_values: DynamicCache | None = None
+    attention_mask: torch.Tensor | None = None  # 2-D mask of the cached sequence (for decoding)
+    next_position: torch.Tensor | None = None  # [B] position id of the next token (for decoding)
+    values: torch.Tensor | None = None  # [B], filled by the policy's value head
+    l1_actions: torch.Tensor | None = None  # [B, chunk, 7] normalised actions from OFT's L1 head, when asked for
+
+
+class OpenVLA(nn.Module):
+    def __init__(self, config: VLAConfig):
+        super().__init__()
+        self.config = config
+        self.vision_backbone = FusedVisionBackbone(config)
+        llm_config = LlamaConfig(**{k: v for k, v in config.text_config.items() if k not in ("model_type",)})
+        llm_config._attn_implementation = "sdpa"
+        llm_dim = llm_config.hidden_size
+        self.projector = Projector(self.vision_backbone.embed_dim, llm_dim)
+        self.language_model = LlamaForCausalLM(llm_config)
+        self.action_dim = config.trainer.action_dim
+        self.first_action_id = config.base_vocab_size - config.n_action_bins
+        if config.is_oft:
+            oft = config.trainer.oft
+            self.proprio_projector = ProprioProjector(oft.proprio_dim, llm_dim) if oft.use_proprio else None
+            self.action_head = L1RegressionActionHead(llm_dim, self.action_dim) if oft.use_l1_head else None
+            self.num_action_slots = oft.chunk_size * self.action_dim
+        else:
+            self.proprio_projector = None
+            self.action_head = None
+            self.num_action_slots = self.action_dim
+
+    # PEFT's "all-linear" leaves the output layer alone when the model names it.
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.lm_head
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.vision_backbone.gradient_checkpointing = True
+
+    # --- pieces ---------------------------------------------------------------------------------------------------
+
+    def _action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.language_model.lm_head(hidden)
+        return logits[..., self.first_action_id: self.first_action_id + self.config.n_action_bins].float()
+
+    def _prefix_embeddings(self, pixel_values: torch.Tensor, proprio: torch.Tensor | None) -> torch.Tensor:
+        """[BOS] + patches of every view (+ proprio token): [B, 1 + n_img·P (+1), H]."""
+        batch = pixel_values.shape[0]
+        views = pixel_values.reshape(batch * self.config.num_images, 6, *pixel_values.shape[-2:])
+        patches = self.projector(self.vision_backbone(views))
+        patches = patches.reshape(batch, -1, patches.shape[-1])
+        embed = self.language_model.get_input_embeddings()
+        bos = embed(torch.full((batch, 1), self.language_model.config.bos_token_id, device=patches.device))
+        parts = [bos, patches.to(bos.dtype)]
+        if self.proprio_projector is not None:
+            if proprio is None:
+                raise ValueError("this OpenVLA-OFT model uses proprio: pass the normalised proprio state")
+            parts.append(self.proprio_projector(proprio.to(bos.dtype)).unsqueeze(1))
+        return torch.cat(parts, dim=1)
+
+    # --- the one entry point --------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        text_ids: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        proprio: torch.Tensor | None = None,
+        action_ids: torch.Tensor | None = None,
+        use_cache: bool = False,
+        decode_ids: torch.Tensor | None = None,
+        past_key_values: DynamicCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        next_position: torch.Tensor | None = None,
+        with_l1_actions: bool = False,
+    ) -> VLAOutput:
+        """Three calls, all through here:
+
+        * prefill / training: ``pixel_values`` [B, 6·n_img, S, S], ``text_ids``/``text_mask`` [B, T] (the prompt after
+          BOS plus the space token, left-padded), ``proprio`` [B, 8] (OFT), and for OpenVLA optionally
+          ``action_ids`` [B, 7] (teacher forcing: logits at the 7 positions that predict them);
+        * a cached decoding step (OpenVLA): ``decode_ids`` [B, 1] with the cache, mask and position of the last call.
+        """
+        if decode_ids is not None:
+            return self._decode_step(decode_ids, past_key_values, attention_mask, next_position)
+        prefix = self._prefix_embeddings(pixel_values, proprio)
+        batch, prefix_len = prefix.shape[:2]
+        embed = self.language_model.get_input_embeddings()
+        text = embed(text_ids)
+        mask = torch.cat([torch.ones(batch, prefix_len, dtype=text_mask.dtype, device=text_mask.device), text_mask], 1)
+        if self.config.is_oft:
+            return self._forward_parallel(prefix, text, mask, with_l1_actions)
+        parts, n_actions = [prefix, text], 0
+        if action_ids is not None:
+            parts.append(embed(action_ids))
+            n_actions = action_ids.shape[1]
+            mask = torch.cat([mask, torch.ones_like(action_ids, dtype=mask.dtype)], dim=1)
+        inputs = torch.cat(parts, dim=1)
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache() if use_cache else None
+        out = self.language_model.model(
+            inputs_embeds=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=use_cache
+        )
+        hidden = out.last_hidden_state
+        # The hidden state at the space token predicts the first action; with teacher forcing, the next 6 as well.
+        first = hidden.shape[1] - 1 - n_actions
+        predicting = hidden[:, first: first + max(n_actions, 1)]
+        return VLAOutput(
+            action_logits=self._action_logits(predicting),
+            value_hidden=hidden[:, first],
+            past_key_values=out.past_key_values if use_cache else None,
+            attention_mask=mask,
+            next_position=positions[:, -1] + 1,
+        )
+
+    def _decode_step(self, ids, cache, mask, next_position) -> VLAOutput:
+        mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        out = self.language_model.model(
+            inputs_embeds=self.language_model.get_input_embeddings()(ids), attention_mask=mask,
+            position_ids=next_position[:, None], past_key_values=cache, use_cache=True,
+        )
+        return VLAOutput(
+            action_logits=self._action_logits(out.last_hidden_state), value_hidden=None,
+            past_key_values=out.past_key_values, attention_mask=mask, next_position=next_position + 1,
+        )
+
+    def _forward_parallel(self, prefix, text, mask, with_l1_actions: bool) -> VLAOutput:
+        """OFT: all action slots in one bidirectional forward; empty (zero) embeddings at the slots, then </s>."""
+        batch, slots = prefix.shape[0], self.num_action_slots
+        embed = self.language_model.get_input_embeddings()
+        stop = embed(torch.full((batch, 1), self.config.trainer.stop_token_id, device=prefix.device))
+        empty_slots = torch.zeros(batch, slots, prefix.shape[-1], dtype=prefix.dtype, device=prefix.device)
+        inputs = torch.cat([prefix, text, empty_slots, stop], dim=1)
+        mask = torch.cat([mask, torch.ones(batch, slots + 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        # Bidirectional attention over every real token (OFT replaces the causal mask): additive 4-D mask, keys only.
+        blocked = torch.finfo(inputs.dtype).min
+        bidirectional = torch.zeros(batch, 1, inputs.shape[1], inputs.shape[1], dtype=inputs.dtype,
+                                    device=inputs.device)
+        bidirectional = bidirectional.masked_fill(~mask.bool()[:, None, None, :], blocked)
+        hidden = self.language_model.model(
+            inputs_embeds=inputs, attention_mask=bidirectional, position_ids=positions
+        ).last_hidden_state
+        # Each slot is read from the state one position before it (next-token style): from the space token on.
+        end = hidden.shape[1] - 2  # exclusive: the last slot's own state is not used
+        action_hidden = hidden[:, end - slots: end]
+        l1_actions = None
+        if with_l1_actions:
+            if self.action_head is None:
+                raise ValueError("this model has no L1 action head (OFTConfig.use_l1_head is false)")
+            l1_actions = self.action_head(action_hidden).float()
+        return VLAOutput(
+            action_logits=self._action_logits(action_hidden), value_hidden=hidden[:, end - slots],
+            action_hidden=action_hidden, l1_actions=l1_actions,
+        )

@@ -1,0 +1,258 @@
+"""One policy API for rollout, training, evaluation and benchmark.
+
+    inputs = policy.prepare(observations)                 # images through the env's pipeline, prompts, proprio
+    out = policy.act(inputs, greedy=False, temperature=1) # actions for the env + token ids + per-token log-probs
+    ev = policy.evaluate(inputs, out.token_ids, temperature=1)  # log-probs, entropy, values, with gradients
+
+Both calls are batched: one model call for the whole batch (standard OpenVLA: one prefill plus 6 cached decoding
+steps; OpenVLA-OFT: one forward per 8-action chunk). The distribution is over the 256 action tokens at the given
+temperature, so rollout log-probs and update log-probs are the same function of the weights.
+
+`act` / `evaluate` take an optional `model`: the DDP / FSDP / DeepSpeed wrapped module whose forward is this
+policy's forward. Wrappers only ever see `forward` calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from trainer.envs.base import Observation
+from trainer.models.action_tokenizer import ActionTokenizer
+from trainer.models.openvla import OpenVLA, VLAOutput
+from trainer.models.processor import (
+    ImagePipeline,
+    libero_gripper,
+    normalize_proprio,
+    pixel_values,
+    prompt_for,
+    select_norm_stats,
+    unnormalize_actions,
+)
+
+
+class ValueHead(nn.Module):
+    """Critic on the hidden state just before the first action token (a value head on the shared backbone)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        width = max(hidden_size // 4, 16)
+        self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(),
+                                 nn.Linear(width, 1))
+        nn.init.zeros_(self.net[-1].weight)  # start at V = 0: no spurious advantages before the critic learns
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net(hidden.to(self.net[1].weight.dtype)).squeeze(-1).float()
+
+
+@dataclass
+class PolicyInputs:
+    """Model inputs of a batch of observations, compact enough to keep in trajectories for the update."""
+
+    images: torch.Tensor  # uint8 [B, n_img, S, S, 3], after the env's image pipeline
+    text_ids: torch.Tensor  # long [B, T]: prompt after BOS + space token, left-padded
+    text_mask: torch.Tensor  # long [B, T]
+    proprio: torch.Tensor | None  # float [B, 8], normalised (OFT)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device) -> "PolicyInputs":
+        return replace(self, images=self.images.to(device), text_ids=self.text_ids.to(device),
+                       text_mask=self.text_mask.to(device),
+                       proprio=None if self.proprio is None else self.proprio.to(device))
+
+    def select(self, index) -> "PolicyInputs":
+        return replace(self, images=self.images[index], text_ids=self.text_ids[index],
+                       text_mask=self.text_mask[index], proprio=None if self.proprio is None else self.proprio[index])
+
+    @staticmethod
+    def collate(parts: list["PolicyInputs"], pad_id: int) -> "PolicyInputs":
+        """Concatenate batches whose prompts were padded to different lengths (re-padded on the left)."""
+        width = max(p.text_ids.shape[1] for p in parts)
+
+        def left_pad(t: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+        return PolicyInputs(
+            images=torch.cat([p.images for p in parts]),
+            text_ids=torch.cat([left_pad(p.text_ids, pad_id) for p in parts]),
+            text_mask=torch.cat([left_pad(p.text_mask, 0) for p in parts]),
+            proprio=None if parts[0].proprio is None else torch.cat([p.proprio for p in parts]),
+        )
+
+
+@dataclass
+class ActResult:
+    env_actions: np.ndarray  # [B, chunk, 7] in env units (chunk = 1 for OpenVLA, 8 for OFT)
+    token_ids: torch.Tensor  # long [B, n_tokens] (7 or 56)
+    log_probs: torch.Tensor  # float [B, n_tokens] at the sampling temperature
+    values: torch.Tensor | None  # float [B] (with a value head)
+    normalized_actions: np.ndarray = field(default=None)  # [B, chunk, 7] in [-1, 1], before un-normalisation
+
+
+@dataclass
+class EvalResult:
+    log_probs: torch.Tensor  # [B, n_tokens]
+    entropy: torch.Tensor  # [B, n_tokens]
+    values: torch.Tensor | None  # [B]
+    logits: torch.Tensor  # [B, n_tokens, n_bins] (for behaviour cloning)
+
+
+@dataclass(frozen=True)
+class EnvSettings:
+    """How observations and actions of one environment family are translated (LIBERO or toy)."""
+
+    image_pipeline: str = "libero"
+    binarize_gripper: bool = True  # LIBERO: sign + invert the gripper dimension
+    unnorm_key: str | None = None
+
+
+class VLAPolicy(nn.Module):
+    def __init__(self, vla: nn.Module, tokenizer, env: EnvSettings, value_head: bool = False):
+        super().__init__()
+        self.vla = vla  # OpenVLA, or a PEFT model wrapping it
+        base = self.base_model
+        self.config = base.config
+        self.tokenizer = tokenizer
+        self.env = env
+        self.action_tokenizer = ActionTokenizer(self.config.base_vocab_size, self.config.n_action_bins)
+        self.unnorm_key, stats = select_norm_stats(self.config.norm_stats, env.unnorm_key)
+        self.action_stats = stats["action"]
+        self.proprio_stats = stats.get("proprio")
+        if self.config.is_oft and self.config.trainer.oft.use_proprio and self.proprio_stats is None:
+            raise ValueError(f"norm_stats[{self.unnorm_key!r}] has no 'proprio' statistics, which OFT needs")
+        self.image_pipeline = ImagePipeline(env.image_pipeline, size=self.config.image_size)
+        self.value_head = ValueHead(self.config.text_config.get("hidden_size", 4096)) if value_head else None
+        self._prompt_cache: dict[str, list[int]] = {}
+
+    @property
+    def base_model(self) -> OpenVLA:
+        vla = self.vla
+        while not isinstance(vla, OpenVLA):
+            vla = vla.get_base_model() if hasattr(vla, "get_base_model") else vla.module
+        return vla
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.trainer.oft.chunk_size if self.config.is_oft else 1
+
+    # --- observations -> inputs -------------------------------------------------------------------------------------
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        """Token ids after BOS, ending with the space token that precedes the actions."""
+        if instruction not in self._prompt_cache:
+            ids = self.tokenizer(prompt_for(instruction))["input_ids"]
+            if ids and ids[0] == self.tokenizer.bos_token_id:
+                ids = ids[1:]
+            space = self.config.trainer.space_token_id
+            self._prompt_cache[instruction] = ids if ids and ids[-1] == space else ids + [space]
+        return self._prompt_cache[instruction]
+
+    def prepare(self, observations: list[Observation]) -> PolicyInputs:
+        views = []
+        for obs in observations:
+            frames = [obs.primary_image, obs.wrist_image][: self.config.num_images]
+            views.append(np.stack([self.image_pipeline(f) for f in frames]))
+        prompts = [self.prompt_ids(obs.instruction) for obs in observations]
+        width = max(len(p) for p in prompts)
+        pad = self.config.pad_token_id
+        text_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+        text_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+        proprio = None
+        if self.config.is_oft and self.config.trainer.oft.use_proprio:
+            proprio = torch.from_numpy(np.stack([normalize_proprio(o.proprio, self.proprio_stats) for o in observations]))
+        return PolicyInputs(torch.from_numpy(np.stack(views)), text_ids, text_mask, proprio)
+
+    # --- the module's forward: what DDP / FSDP / DeepSpeed wrap ----------------------------------------------------
+
+    def forward(self, inputs: PolicyInputs | None = None, **kwargs) -> VLAOutput:
+        if inputs is not None:
+            dtype = self.base_model.projector.fc1.weight.dtype
+            if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                dtype = torch.bfloat16  # int8 weights: compute in bf16
+            kwargs.update(pixel_values=pixel_values(inputs.images, dtype), text_ids=inputs.text_ids,
+                          text_mask=inputs.text_mask, proprio=inputs.proprio)
+        out = self.vla(**kwargs)
+        if self.value_head is not None and out.value_hidden is not None:
+            out.values = self.value_head(out.value_hidden)
+        return out
+
+    # --- acting -----------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, greedy, temperature: float, generator=None):
+        """Sample (or argmax) per position over the action vocabulary; returns local indices and log-probs."""
+        scaled = logits / temperature
+        log_probs = torch.log_softmax(scaled, dim=-1)
+        flat = log_probs.reshape(-1, log_probs.shape[-1])
+        sampled = torch.multinomial(flat.exp(), 1, generator=generator).reshape(log_probs.shape[:-1])
+        argmax = log_probs.argmax(-1)
+        greedy_mask = torch.as_tensor(greedy, device=logits.device, dtype=torch.bool)
+        if greedy_mask.ndim == 1:  # per-sample choice (epsilon-greedy hand-over)
+            greedy_mask = greedy_mask.view(-1, *([1] * (argmax.ndim - 1)))
+        choice = torch.where(greedy_mask, argmax, sampled)
+        return choice, log_probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+
+    @torch.no_grad()
+    def act(self, inputs: PolicyInputs, greedy=False, temperature: float = 1.0, model: nn.Module | None = None,
+            use_l1_head: bool = False, generator: torch.Generator | None = None) -> ActResult:
+        """Actions for a batch. `greedy` is a bool or a bool tensor [B] (per-sample greedy, for epsilon-greedy)."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+        model = model or self
+        inputs = inputs.to(self.device)
+        if self.config.is_oft:
+            out = model(inputs, with_l1_actions=use_l1_head)
+            local, log_probs = self._choose(out.action_logits, greedy, temperature, generator)
+        else:
+            out = model(inputs, use_cache=True)
+            local_steps, log_prob_steps = [], []
+            step = out
+            for index in range(self.config.trainer.action_dim):
+                choice, log_prob = self._choose(step.action_logits[:, -1], greedy, temperature, generator)
+                local_steps.append(choice)
+                log_prob_steps.append(log_prob)
+                if index + 1 < self.config.trainer.action_dim:
+                    step = model(decode_ids=self.action_tokenizer.local_to_token_ids(choice)[:, None],
+                                 past_key_values=step.past_key_values, attention_mask=step.attention_mask,
+                                 next_position=step.next_position)
+            local, log_probs = torch.stack(local_steps, 1), torch.stack(log_prob_steps, 1)
+        token_ids = self.action_tokenizer.local_to_token_ids(local)
+        if use_l1_head:
+            normalized = out.l1_actions.cpu().numpy()
+        else:
+            normalized = self.action_tokenizer.decode(token_ids).reshape(len(inputs), self.chunk_size, -1)
+        return ActResult(self.to_env_actions(normalized), token_ids, log_probs.float(), out.values,
+                         normalized_actions=normalized)
+
+    def to_env_actions(self, normalized: np.ndarray) -> np.ndarray:
+        range_eps = 1e-8 if self.config.is_oft else 0.0
+        actions = unnormalize_actions(normalized, self.action_stats, range_eps)
+        return libero_gripper(actions) if self.env.binarize_gripper else actions
+
+    # --- training ---------------------------------------------------------------------------------------------------
+
+    def evaluate(self, inputs: PolicyInputs, token_ids: torch.Tensor, temperature: float = 1.0,
+                 model: nn.Module | None = None) -> EvalResult:
+        """Per-token log-probs and entropy of given action tokens, and values, in one batched forward (with grad)."""
+        model = model or self
+        inputs = inputs.to(self.device)
+        token_ids = token_ids.to(self.device)
+        if self.config.is_oft:
+            out = model(inputs)
+        else:
+            out = model(inputs, action_ids=token_ids)
+        log_probs_all = torch.log_softmax(out.action_logits / temperature, dim=-1)
+        local = self.action_tokenizer.token_ids_to_local(token_ids)
+        log_probs = log_probs_all.gather(-1, local.unsqueeze(-1)).squeeze(-1)
+        entropy = -(log_probs_all.exp() * log_probs_all).sum(-1)
+        return EvalResult(log_probs, entropy, out.values, out.action_logits)
