@@ -1,0 +1,21 @@
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture
+def toy_observations():
+    """Three observations with different instructions (so prompts pad differently) and random frames."""
+    from trainer.envs.base import Observation
+
+    rng = np.random.default_rng(0)
+    instructions = ["move to the red target", "go to the blue one, now please", "x"]
+    return [
+        Observation(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                    rng.uniform(-1, 1, 8).astype(np.float32), text)
+        for text in instructions
+    ]

@@ -1,0 +1,99 @@
+"""LoRA targets and trainable parameters; the LLM.int8 base; refused combinations."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
+from trainer.models.lora import LoraSettings, apply_lora, check_quantization, quantize_int8, trainable_breakdown
+
+
+def lora_policy(name="tiny", **settings):
+    model, tokenizer = load_model_and_tokenizer(name, seed=0)
+    peft_model = apply_lora(model, LoraSettings(rank=4, **settings))
+    return VLAPolicy(peft_model, tokenizer, EnvSettings("none", False, "toy"), value_head=True)
+
+
+def test_base_is_frozen_and_lora_covers_the_used_linear_layers():
+    model, _ = load_model_and_tokenizer("tiny", seed=0)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    policy = lora_policy()
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or n.startswith("value_head") for n in trainable)
+    adapted = {n.split(".lora_")[0].replace("vla.base_model.model.", "") for n in trainable if "lora_A" in n}
+    expected = {n for n in linears if not n.startswith(("language_model.lm_head", "vision_backbone.featurizer.blocks.2.",
+                                                       "vision_backbone.fused_featurizer.blocks.2.",
+                                                       "vision_backbone.fused_featurizer.attn_pool"))}
+    assert adapted == expected
+    # r * (in + out) per adapted layer
+    lora_params = sum(4 * (linears[n].in_features + linears[n].out_features) for n in expected)
+    breakdown = trainable_breakdown(policy)
+    assert sum(v for k, v in breakdown.items() if k.startswith("LoRA")) == lora_params
+    assert breakdown["value head"] == sum(p.numel() for p in policy.value_head.parameters())
+    assert breakdown["frozen"] == sum(p.numel() for p in model.parameters())
+
+
+def test_llm_only_targets():
+    policy = lora_policy(target_modules="llm-linear")
+    names = [n for n, p in policy.named_parameters() if "lora_A" in n]
+    assert names and all(".language_model." in n for n in names)
+
+
+def test_every_trainable_parameter_gets_a_gradient(toy_observations):
+    policy = lora_policy("tiny-oft", train_proprio_projector=True)
+    inputs = policy.prepare(toy_observations)
+    result = policy.act(inputs)
+    evaluated = policy.evaluate(inputs, result.token_ids)
+    (evaluated.log_probs.mean() + evaluated.values.mean()).backward()
+    missing = [n for n, p in policy.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert any("proprio_projector" in n for n, p in policy.named_parameters() if p.requires_grad)
+
+
+def test_lora_starts_as_the_base_model(toy_observations):
+    model, tokenizer = load_model_and_tokenizer("tiny", seed=0)
+    base = VLAPolicy(model, tokenizer, EnvSettings("none", False, "toy")).eval()
+    inputs = base.prepare(toy_observations)
+    before = base.act(inputs, greedy=True)
+    adapted = VLAPolicy(apply_lora(model, LoraSettings(rank=4)), tokenizer, EnvSettings("none", False, "toy")).eval()
+    after = adapted.act(inputs, greedy=True)
+    assert torch.equal(before.token_ids, after.token_ids)  # lora_B starts at zero
+
+
+def test_heads_cannot_be_trained_on_a_model_without_them():
+    model, _ = load_model_and_tokenizer("tiny", seed=0)
+    with pytest.raises(ValueError, match="no proprio projector"):
+        apply_lora(model, LoraSettings(train_proprio_projector=True))
+
+
+def test_int8_base_with_lora(toy_observations):
+    import bitsandbytes as bnb
+
+    model, tokenizer = load_model_and_tokenizer("tiny", seed=0)
+    reference = VLAPolicy(model, tokenizer, EnvSettings("none", False, "toy")).eval()
+    inputs = reference.prepare(toy_observations)
+    ref_logits = reference.evaluate(inputs, reference.act(inputs, greedy=True).token_ids).logits.detach()
+
+    quantized, _ = load_model_and_tokenizer("tiny", seed=0)
+    quantize_int8(quantized, "cpu")
+    q_proj = quantized.language_model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear8bitLt) and q_proj.weight.dtype == torch.int8
+    assert isinstance(quantized.language_model.lm_head, nn.Linear)  # output layer left in full precision
+    policy = VLAPolicy(apply_lora(quantized, LoraSettings(rank=4, target_modules="llm-linear")), tokenizer,
+                       EnvSettings("none", False, "toy"), value_head=True)
+    tokens = policy.act(inputs, greedy=True).token_ids
+    evaluated = policy.evaluate(inputs, tokens)
+    # int8 rounding moves logits a little, not a lot
+    assert (evaluated.logits - ref_logits).abs().max() < 0.1 * ref_logits.abs().max()
+    evaluated.log_probs.mean().backward()
+    grads = [p.grad for n, p in policy.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed_zero3"])
+def test_int8_with_a_sharding_backend_is_refused_with_alternatives(backend):
+    with pytest.raises(ValueError) as error:
+        check_quantization("int8", backend)
+    assert "single_gpu_8bit" in str(error.value) and "ddp_2gpu_8bit" in str(error.value)
+    check_quantization("int8", "ddp")
+    check_quantization("none", backend)

@@ -1,0 +1,125 @@
+"""The policy API: batched acting and evaluation, agreement between them, sampling, OFT chunks, values."""
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
+
+
+def make_policy(name="tiny", value_head=True, env=EnvSettings("none", False, "toy")):
+    model, tokenizer = load_model_and_tokenizer(name, seed=0)
+    return VLAPolicy(model, tokenizer, env, value_head=value_head).eval()
+
+
+@pytest.mark.parametrize("name, tokens, chunk", [("tiny", 7, 1), ("tiny-oft", 56, 8)])
+def test_act_shapes_and_ranges(name, tokens, chunk, toy_observations):
+    policy = make_policy(name)
+    inputs = policy.prepare(toy_observations)
+    assert inputs.images.shape == (3, policy.config.num_images, 32, 32, 3)
+    assert inputs.text_mask.sum(1).tolist() == [len(policy.prompt_ids(o.instruction)) for o in toy_observations]
+    result = policy.act(inputs, greedy=False, temperature=1.0)
+    assert result.token_ids.shape == (3, tokens) and result.log_probs.shape == (3, tokens)
+    assert result.env_actions.shape == (3, chunk, 7)
+    assert ((result.token_ids >= 256) & (result.token_ids < 512)).all()  # only action tokens are ever sampled
+    assert (result.log_probs <= 0).all()
+    assert result.values.shape == (3,)
+    # toy stats are identity bounds: env actions are the bin centres of the tokens (OFT adds 1e-8 to the range)
+    centres = policy.action_tokenizer.decode(result.token_ids).reshape(3, chunk, 7)
+    np.testing.assert_allclose(result.env_actions, centres, atol=1e-7)
+
+
+def test_prompt_ends_with_the_space_token():
+    policy = make_policy()
+    ids = policy.prompt_ids("Move to the red target")
+    assert ids[-1] == policy.config.trainer.space_token_id == 3
+    assert ids[0] != policy.tokenizer.bos_token_id
+    assert policy.tokenizer.decode(ids).strip().startswith("In: What action should the robot take to move to the red")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-oft"])
+def test_evaluate_reproduces_rollout_log_probs_in_one_batched_forward(name, toy_observations):
+    policy = make_policy(name)
+    inputs = policy.prepare(toy_observations)
+    result = policy.act(inputs, greedy=False, temperature=1.6, generator=torch.Generator().manual_seed(1))
+    calls = []
+    hook = policy.vla.register_forward_hook(lambda *a: calls.append(1))
+    evaluated = policy.evaluate(inputs, result.token_ids, temperature=1.6)
+    hook.remove()
+    assert len(calls) == 1  # one batched forward, no per-sample loop
+    torch.testing.assert_close(evaluated.log_probs, result.log_probs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(evaluated.values, result.values)
+    assert evaluated.entropy.shape == result.log_probs.shape
+    assert (evaluated.entropy > 0).all() and (evaluated.entropy <= np.log(256) + 1e-4).all()
+    assert evaluated.log_probs.requires_grad
+
+
+def test_batched_act_equals_one_at_a_time(toy_observations):
+    policy = make_policy("tiny")
+    batched = policy.act(policy.prepare(toy_observations), greedy=True)
+    for i, obs in enumerate(toy_observations):
+        single = policy.act(policy.prepare([obs]), greedy=True)
+        assert torch.equal(single.token_ids[0], batched.token_ids[i])
+        torch.testing.assert_close(single.log_probs[0], batched.log_probs[i], atol=1e-5, rtol=1e-5)
+
+
+def test_standard_openvla_decodes_with_one_prefill_and_cached_steps(toy_observations):
+    policy = make_policy("tiny")
+    lengths = []
+    hook = policy.vla.language_model.model.register_forward_hook(
+        lambda m, args, kwargs, out: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    policy.act(policy.prepare(toy_observations))
+    hook.remove()
+    assert lengths[1:] == [1] * 6 and lengths[0] > 16  # prefill, then 6 single-token steps
+
+
+def test_greedy_is_argmax_and_sampling_follows_temperature(toy_observations):
+    policy = make_policy("tiny-oft")
+    inputs = policy.prepare(toy_observations[:1])
+    greedy = policy.act(inputs, greedy=True)
+    logits = policy.evaluate(inputs, greedy.token_ids).logits
+    assert torch.equal(greedy.token_ids - 256, logits.argmax(-1))
+    cold = policy.act(inputs, temperature=1e-4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cold.token_ids, greedy.token_ids)
+    assert (cold.log_probs > -1e-3).all()  # a near-zero temperature puts all mass on the argmax
+    hot = policy.act(inputs, temperature=5.0, generator=torch.Generator().manual_seed(0))
+    assert (hot.token_ids == greedy.token_ids).float().mean() < 0.2
+    # at temperature T the log-prob of the argmax token is log_softmax(logits / T)
+    expected = torch.log_softmax(logits / 5.0, -1).gather(-1, (greedy.token_ids - 256)[..., None])[..., 0]
+    torch.testing.assert_close(policy.evaluate(inputs, greedy.token_ids, temperature=5.0).log_probs, expected)
+    with pytest.raises(ValueError, match="temperature"):
+        policy.act(inputs, temperature=0.0)
+
+
+def test_per_sample_greedy_mask(toy_observations):
+    policy = make_policy("tiny-oft")
+    inputs = policy.prepare(toy_observations)
+    greedy = policy.act(inputs, greedy=True)
+    mixed = policy.act(inputs, greedy=torch.tensor([True, False, True]), temperature=5.0,
+                       generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mixed.token_ids[[0, 2]], greedy.token_ids[[0, 2]])
+    assert not torch.equal(mixed.token_ids[1], greedy.token_ids[1])
+
+
+def test_oft_l1_head_actions(toy_observations):
+    policy = make_policy("tiny-oft")
+    result = policy.act(policy.prepare(toy_observations), greedy=True, use_l1_head=True)
+    assert result.normalized_actions.shape == (3, 8, 7)
+    assert not np.allclose(result.normalized_actions, policy.action_tokenizer.decode(result.token_ids).reshape(3, 8, 7))
+
+
+def test_libero_settings_binarise_and_invert_the_gripper(toy_observations):
+    stats = {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}
+    model, tokenizer = load_model_and_tokenizer("tiny", seed=0)
+    model.config.norm_stats = {"libero_spatial_no_noops": {"action": stats, "proprio": {"q01": [0] * 8, "q99": [1] * 8}}}
+    policy = VLAPolicy(model, tokenizer, EnvSettings("libero", True, "libero_spatial")).eval()
+    assert policy.unnorm_key == "libero_spatial_no_noops"
+    frames = [np.zeros((256, 256, 3), dtype=np.uint8)]
+    from trainer.envs.base import Observation
+
+    obs = Observation(frames[0], frames[0], np.zeros(8, np.float32), "pick up the bowl")
+    inputs = policy.prepare([obs])
+    assert inputs.images.shape == (1, 1, 32, 32, 3)
+    result = policy.act(inputs, greedy=True)
+    assert result.env_actions[0, 0, -1] in (-1.0, 1.0)
+    assert result.env_actions[0, 0, -1] == -np.sign(2 * result.normalized_actions[0, 0, -1] - 1)

@@ -1,0 +1,45 @@
+"""Pure tensor functions for the RL update: advantages, losses and the phase schedule.
+
+Nothing here calls torch.distributed: callers pass inputs already gathered across ranks.
+"""
+
+from trainer.algos.advantages import (
+    GRPO_SCALES,
+    absolute_advantages,
+    dynamic_sampling_mask,
+    gae,
+    grpo_advantages,
+)
+from trainer.algos.losses import (
+    LOSS_TYPES,
+    behaviour_cloning_loss,
+    entropy_bonus,
+    explained_variance,
+    kl_to_reference,
+    masked_mean,
+    ppo_clip_loss,
+    value_loss,
+)
+from trainer.algos.phases import BC_WARMUP, HANDOVER, RL, Phase, PhaseSchedule, phase_at
+
+__all__ = [
+    "BC_WARMUP",
+    "GRPO_SCALES",
+    "HANDOVER",
+    "LOSS_TYPES",
+    "RL",
+    "Phase",
+    "PhaseSchedule",
+    "absolute_advantages",
+    "behaviour_cloning_loss",
+    "dynamic_sampling_mask",
+    "entropy_bonus",
+    "explained_variance",
+    "gae",
+    "grpo_advantages",
+    "kl_to_reference",
+    "masked_mean",
+    "phase_at",
+    "ppo_clip_loss",
+    "value_loss",
+]
