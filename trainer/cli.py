@@ -51,6 +51,29 @@ def cmd_act(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from trainer.config import load_config
+    from trainer.train import train
+
+    train(load_config(rest))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+    """Merge a run's LoRA checkpoint into the base model and save it in the OpenVLA layout."""
+    from trainer.checkpoint import export_merged_model, latest_checkpoint
+    from trainer.config import load_config
+
+    run_dir = Path(args.run_dir)
+    config = load_config(["--config", str(run_dir / "config.yaml")])
+    checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
+    out = export_merged_model(checkpoint, config, Path(args.out))
+    print(f"merged model of {checkpoint} written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,15 +83,49 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", choices=["openvla-7b", "openvla-7b-oft", "tiny", "tiny-oft"])
     source.add_argument("--checkpoint", help="a local checkpoint directory (its config.json is read)")
     inspect.add_argument("--manifest", help="write {total_params, shapes} JSON here")
-    inspect.set_defaults(func=cmd_inspect)
+    inspect.set_defaults(func=cmd_inspect, takes_rest=False)
 
     act = sub.add_parser("act", help="run the policy once on a toy observation")
     act.add_argument("--model", default="tiny", help="tiny, tiny-oft, or a local checkpoint directory")
     act.add_argument("--seed", type=int, default=0)
-    act.set_defaults(func=cmd_act)
+    act.set_defaults(func=cmd_act, takes_rest=False)
+
+    train = sub.add_parser("train", help="RL fine-tuning; options: --config FILE and --section.key value overrides",
+                           add_help=False)
+    train.set_defaults(func=cmd_train, takes_rest=True)
+
+    ev = sub.add_parser("eval", help="LIBERO protocol evaluation: N trials per task, per-task table, JSON, videos")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="tiny, tiny-oft, or a local checkpoint directory")
+    source.add_argument("--run-dir", help="a training run's output_dir: its config and latest checkpoint")
+    ev.add_argument("--family", choices=["openvla", "oft"], help="force OFT for released OFT checkpoints")
+    ev.add_argument("--suite", default="libero_spatial")
+    ev.add_argument("--task-ids", type=int, nargs="*")
+    ev.add_argument("--trials", type=int, default=50, help="trials per task (the protocol: 50)")
+    ev.add_argument("--mode", choices=["greedy", "sampled", "both"], default="greedy")
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--num-workers", type=int, default=4, help="env worker processes per rank")
+    ev.add_argument("--max-steps", type=int, help="override the suite's step limit")
+    ev.add_argument("--unnorm-key", help="norm_stats key (default: the suite, then <suite>_no_noops)")
+    ev.add_argument("--l1-head", action="store_true", help="OFT: greedy actions from the L1 regression head")
+    ev.add_argument("--seed", type=int, default=7)
+    ev.add_argument("--videos", type=int, default=0, help="record this many episodes as mp4")
+    ev.add_argument("--videos-dir", default="videos")
+    ev.add_argument("--output", help="write the results as JSON here")
+    ev.set_defaults(func=lambda args: __import__("trainer.evaluate", fromlist=["main"]).main(args), takes_rest=False)
+
+    export = sub.add_parser("export", help="merge a run's LoRA into the base model (OpenVLA layout)")
+    export.add_argument("--run-dir", required=True)
+    export.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=cmd_export, takes_rest=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if getattr(args, "takes_rest", False):
+        sys.exit(args.func(args, rest))
+    if rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     sys.exit(args.func(args))

@@ -23,6 +23,10 @@ class LoraSettings:
     # "all-linear": every linear layer the forward uses (ViTs, projector, LLM), not lm_head or OFT's heads;
     # "llm-linear": the language model's linear layers only; or a list of module-name suffixes for PEFT.
     target_modules: str | list[str] = ALL_LINEAR
+    # LoRA on the output layer too. The released checkpoints' output rows for the action tokens are trained; a
+    # random-initialised head (the tiny presets) gives logits within about ±1 whatever the hidden state, so without
+    # this a tiny policy cannot become confident.
+    include_lm_head: bool = False
     train_proprio_projector: bool = False  # OFT: train the proprio projector fully (not through LoRA)
     train_action_head: bool = False  # OFT: train the L1 head fully
 
@@ -33,11 +37,12 @@ class LoraSettings:
             raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
 
 
-def _linear_layers_in_use(model: OpenVLA, llm_only: bool) -> list[str]:
+def _linear_layers_in_use(model: OpenVLA, llm_only: bool, include_lm_head: bool = False) -> list[str]:
     """Names of the linear layers the forward pass runs: skips lm_head (its rows are the action vocabulary, left
     as released), OFT's own heads, SigLIP's unused attention-pooling head and each ViT's unused last block (LoRA
     there would get no gradient, which also trips DDP's unused-parameter check)."""
-    skipped_prefixes = ["language_model.lm_head", "proprio_projector", "action_head",
+    skipped_prefixes = [] if include_lm_head else ["language_model.lm_head"]
+    skipped_prefixes += ["proprio_projector", "action_head",
                         "vision_backbone.fused_featurizer.attn_pool"]
     for tower in ("featurizer", "fused_featurizer"):
         last = len(getattr(model.vision_backbone, tower).blocks) - 1
@@ -57,7 +62,8 @@ def _linear_layers_in_use(model: OpenVLA, llm_only: bool) -> list[str]:
 def apply_lora(model: OpenVLA, settings: LoraSettings) -> PeftModel:
     """Freeze the base and add LoRA adapters; OFT's heads optionally trained fully (saved with the adapter)."""
     if settings.target_modules in (ALL_LINEAR, LLM_LINEAR):
-        targets = _linear_layers_in_use(model, llm_only=settings.target_modules == LLM_LINEAR)
+        targets = _linear_layers_in_use(model, llm_only=settings.target_modules == LLM_LINEAR,
+                                        include_lm_head=settings.include_lm_head)
     else:
         targets = list(settings.target_modules)
     modules_to_save = []
