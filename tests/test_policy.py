@@ -123,3 +123,16 @@ def test_libero_settings_binarise_and_invert_the_gripper(toy_observations):
     result = policy.act(inputs, greedy=True)
     assert result.env_actions[0, 0, -1] in (-1.0, 1.0)
     assert result.env_actions[0, 0, -1] == -np.sign(2 * result.normalized_actions[0, 0, -1] - 1)
+
+
+def test_act_decodes_with_the_kv_cache_even_in_training_mode_with_checkpointing(toy_observations):
+    """transformers switches the cache off under gradient checkpointing in train mode; act must not be affected."""
+    policy = make_policy("tiny")
+    inputs = policy.prepare(toy_observations)
+    reference = policy.act(inputs, greedy=True)
+    policy.base_model.gradient_checkpointing_enable()
+    policy.train()
+    result = policy.act(inputs, greedy=True)
+    assert policy.training  # restored
+    assert torch.equal(result.token_ids, reference.token_ids)
+    torch.testing.assert_close(result.log_probs, reference.log_probs)

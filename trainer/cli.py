@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     """Merge a run's LoRA checkpoint into the base model and save it in the OpenVLA layout."""
     from trainer.checkpoint import export_merged_model, latest_checkpoint
     from trainer.config import load_config
@@ -113,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--videos-dir", default="videos")
     ev.add_argument("--output", help="write the results as JSON here")
     ev.set_defaults(func=lambda args: __import__("trainer.evaluate", fromlist=["main"]).main(args), takes_rest=False)
+
+    bench = sub.add_parser("bench", help="GPU throughput/memory of the full-size model vs a ceiling (random weights)")
+    bench.add_argument("--parts", default="ceiling,rollout,update", help="comma list of ceiling, rollout, update")
+    bench.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64])
+    bench.add_argument("--update-batch", type=int, default=16, help="samples per GPU per update step")
+    bench.add_argument("--steps", type=int, default=3)
+    bench.add_argument("--int8", action="store_true", help="LLM.int8 base + 8-bit AdamW for the update part")
+    bench.add_argument("--out", default="bench/report.json", help="JSON report (merged with an existing one)")
+    bench.set_defaults(func=lambda args: __import__("trainer.bench", fromlist=["main"]).main(args), takes_rest=False)
 
     export = sub.add_parser("export", help="merge a run's LoRA into the base model (OpenVLA layout)")
     export.add_argument("--run-dir", required=True)

@@ -6,7 +6,8 @@ from trainer.envs.base import ACTION_DIM, PROPRIO_DIM, Env, Observation, StepRes
 
 TOY_SUITES = ("toy",)
 LIBERO_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
-SUITES = TOY_SUITES + LIBERO_SUITES
+STANDIN_SUITES = ("libero_standin",)  # LIBERO's shapes and step cost, no simulator: for GPU benchmarks only
+SUITES = TOY_SUITES + LIBERO_SUITES + STANDIN_SUITES
 
 
 def make_env(suite: str, **kwargs) -> Env:
@@ -20,6 +21,10 @@ def make_env(suite: str, **kwargs) -> Env:
         from trainer.envs.libero import LiberoEnv
 
         return LiberoEnv(suite=suite, **kwargs)
+    if suite == "libero_standin":
+        from trainer.envs.standin import LiberoStandInEnv
+
+        return LiberoStandInEnv(**kwargs)
     raise ValueError(f"unknown env suite {suite!r}; valid suites: {', '.join(SUITES)}")
 
 

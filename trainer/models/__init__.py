@@ -19,21 +19,43 @@ __all__ = [
 ]
 
 
-def _tiny(name: str, seed: int):
+RANDOM_PREFIX = "random:"
+
+
+def _identity_norm_stats() -> dict:
+    """Bounds that leave actions in [-1, 1], under every suite's key: random models have no dataset statistics."""
+    from trainer.envs import SUITES
+
+    stats = {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]},
+             "proprio": {"q01": [-1.0] * 8, "q99": [1.0] * 8}}
+    return {suite: stats for suite in SUITES if suite != "toy"}
+
+
+def _tiny(name: str, seed: int, device="cpu", benchmark_stats: bool = False):
     config = preset(name)
-    return build_model(config, seed=seed), build_tiny_tokenizer(config.base_vocab_size)
+    if benchmark_stats:  # random weights for benchmarks: identity bounds under every suite's key
+        config.norm_stats = {**(config.norm_stats or {}), **_identity_norm_stats()}
+    with torch.device(device):
+        model = build_model(config, seed=seed)
+    return model, build_tiny_tokenizer(config.base_vocab_size)
 
 
 def load_model_and_tokenizer(source: str, seed: int = 0, dtype: torch.dtype = torch.float32,
                              device: str | torch.device = "cpu", family: str | None = None):
-    """`source` is a tiny preset ("tiny", "tiny-oft": random init, seeded) or a local checkpoint directory."""
+    """`source`: a tiny preset ("tiny", "tiny-oft": random init, seeded); "random:<preset>" (any preset with random
+    weights, built directly on `device` — for benchmarks; its tokenizer is a synthetic one of the same vocabulary
+    size); or a local checkpoint directory."""
     if source in ("tiny", "tiny-oft"):
         model, tokenizer = _tiny(source, seed)
         return model.to(device=device, dtype=dtype), tokenizer
+    if source.startswith(RANDOM_PREFIX) and source[len(RANDOM_PREFIX):] in PRESETS:
+        model, tokenizer = _tiny(source[len(RANDOM_PREFIX):], seed, device=device, benchmark_stats=True)
+        return model.to(dtype=dtype), tokenizer
     if source in PRESETS:
         raise ValueError(
             f"preset {source!r} has no weights here (no model hub): pass the local directory of the checkpoint "
-            f"(config.json, *.safetensors, tokenizer files), or use the 'tiny' / 'tiny-oft' presets")
+            f"(config.json, *.safetensors, tokenizer files), 'random:{source}' for random weights (benchmarks), or "
+            f"the 'tiny' / 'tiny-oft' presets")
     model = load_vla(source, dtype=dtype, device=device, family=family)
     return model, load_tokenizer(source)
 

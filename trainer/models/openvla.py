@@ -181,7 +181,10 @@ class OpenVLA(nn.Module):
         return self.language_model.lm_head
 
     def gradient_checkpointing_enable(self) -> None:
-        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(self.language_model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+            self.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.vision_backbone.gradient_checkpointing = True
 
     # --- pieces ---------------------------------------------------------------------------------------------------

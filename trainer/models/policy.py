@@ -208,7 +208,14 @@ class VLAPolicy(nn.Module):
         """Actions for a batch. `greedy` is a bool or a bool tensor [B] (per-sample greedy, for epsilon-greedy)."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
-        model = model or self
+        was_training = self.training
+        self.eval()  # no dropout, and the KV cache stays on (transformers drops it under gradient checkpointing)
+        try:
+            return self._act(inputs, greedy, temperature, model or self, use_l1_head, generator)
+        finally:
+            self.train(was_training)
+
+    def _act(self, inputs, greedy, temperature, model, use_l1_head, generator) -> ActResult:
         inputs = inputs.to(self.device)
         if self.config.is_oft:
             out = model(inputs, with_l1_actions=use_l1_head)
