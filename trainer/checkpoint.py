@@ -4,6 +4,9 @@
         adapter_model.safetensors   LoRA weights (and fully trained heads) in PEFT's naming
         trainable.safetensors       other trainable weights (the value head)
         optimizer.pt, scheduler.pt  torch state dicts (read back with weights_only=True: no pickled code)
+        optimizer.safetensors,      sharded backends (FSDP2, DeepSpeed ZeRO-2/3) instead of optimizer.pt: the optimizer
+        optimizer.json              state gathered and keyed by parameter name ("<name>/exp_avg"), so it resumes on
+                                    any world size or backend; the weight files are the same as a single process's
         rng-rank{r}.json            python / numpy / torch RNG state of every rank
         trainer_state.json          counters, phase, skip reasons
         config.yaml
@@ -28,6 +31,8 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+OPTIMIZER_BY_NAME = "optimizer.safetensors"
+OPTIMIZER_GROUPS = "optimizer.json"
 
 
 def _is_peft(module) -> bool:
@@ -89,15 +94,23 @@ def save_checkpoint(output_dir, policy, optimizer, scheduler, state: dict, dist,
         staging.mkdir(parents=True)
     dist.barrier()
     (staging / f"rng-rank{dist.rank}.json").write_text(json.dumps(_rng_state()))
+    sharded = getattr(dist, "is_sharded", False)
+    if sharded:  # every rank takes part in the gathers; rank 0 writes
+        trainable = dist.full_trainable_state(policy)
+        optimizer_state = dist.full_optimizer_state(policy, optimizer)
+        if dist.is_main:
+            _write_trainable(staging, policy, trainable)
+            _write_optimizer_by_name(staging, optimizer_state)
     if dist.is_main:
-        if _is_peft(policy.vla):
-            adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(policy.vla).items()}
-            save_file(adapter, str(staging / "adapter_model.safetensors"))
-            policy.vla.peft_config["default"].save_pretrained(str(staging))
-        extra = _trainable_non_adapter(policy)
-        if extra:
-            save_file(extra, str(staging / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        if not sharded:
+            if _is_peft(policy.vla):
+                adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(policy.vla).items()}
+                save_file(adapter, str(staging / "adapter_model.safetensors"))
+                policy.vla.peft_config["default"].save_pretrained(str(staging))
+            extra = _trainable_non_adapter(policy)
+            if extra:
+                save_file(extra, str(staging / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
         if config is not None:
@@ -130,7 +143,10 @@ def load_checkpoint(path: Path, policy, optimizer=None, scheduler=None, dist=Non
     from peft import set_peft_model_state_dict
 
     path = Path(path)
-    if _is_peft(policy.vla):
+    sharded = getattr(dist, "is_sharded", False)
+    if sharded:
+        dist.load_full_trainable_state(policy, _read_trainable(path, policy))
+    elif _is_peft(policy.vla):
         adapter_file = path / "adapter_model.safetensors"
         if not adapter_file.is_file():
             raise FileNotFoundError(f"{adapter_file} is missing: this checkpoint was saved without LoRA adapters")
@@ -139,7 +155,7 @@ def load_checkpoint(path: Path, policy, optimizer=None, scheduler=None, dist=Non
         if unexpected:
             raise ValueError(f"adapter in {path} has tensors this model does not: {unexpected[:10]}")
     extra_file = path / "trainable.safetensors"
-    if extra_file.is_file():
+    if extra_file.is_file() and not sharded:
         extra = load_file(str(extra_file), device="cpu")
         params = dict(policy.named_parameters())
         missing = sorted(set(extra) - set(params))
@@ -149,7 +165,7 @@ def load_checkpoint(path: Path, policy, optimizer=None, scheduler=None, dist=Non
             for name, tensor in extra.items():
                 params[name].copy_(tensor)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        _load_optimizer(path, policy, optimizer, dist)
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     rank = dist.rank if dist is not None else 0
@@ -157,6 +173,100 @@ def load_checkpoint(path: Path, policy, optimizer=None, scheduler=None, dist=Non
     if rng_file.is_file():  # absent when resuming on more ranks than saved: streams derive from seeds anyway
         _set_rng_state(json.loads(rng_file.read_text()))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+# --- sharded backends: weights and optimizer state gathered to full tensors, keyed by name ----------------------------
+
+
+def _write_trainable(staging: Path, policy, trainable: dict[str, torch.Tensor]) -> None:
+    """The same files a single process writes, from gathered full tensors (name -> tensor)."""
+    from peft import get_peft_model_state_dict
+
+    extra = trainable
+    if _is_peft(policy.vla):
+        vla = {name[len("vla."):]: t for name, t in trainable.items() if name.startswith("vla.")}
+        adapter = get_peft_model_state_dict(policy.vla, state_dict=vla)
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(staging / "adapter_model.safetensors"))
+        policy.vla.peft_config["default"].save_pretrained(str(staging))
+        extra = {name: t for name, t in trainable.items() if not name.startswith("vla.")}
+    if extra:
+        save_file(extra, str(staging / "trainable.safetensors"))
+
+
+def _adapter_names(policy) -> dict[str, str]:
+    """PEFT adapter-file key -> parameter name in the policy, from PEFT's own renaming (get_peft_model_state_dict
+    keeps the tensor objects it is given, so distinct placeholders identify every key)."""
+    from peft import get_peft_model_state_dict
+
+    placeholders = {name: torch.empty(0) for name, _ in policy.vla.named_parameters()}
+    owner = {id(t): name for name, t in placeholders.items()}
+    renamed = get_peft_model_state_dict(policy.vla, state_dict=placeholders)
+    return {key: "vla." + owner[id(t)] for key, t in renamed.items()}
+
+
+def _read_trainable(path: Path, policy) -> dict[str, torch.Tensor]:
+    """Trainable weights of a checkpoint (adapter + trainable.safetensors), keyed by parameter name."""
+    tensors = {}
+    if _is_peft(policy.vla):
+        adapter_file = path / "adapter_model.safetensors"
+        if not adapter_file.is_file():
+            raise FileNotFoundError(f"{adapter_file} is missing: this checkpoint was saved without LoRA adapters")
+        adapter = load_file(str(adapter_file), device="cpu")
+        names = _adapter_names(policy)
+        unexpected = sorted(set(adapter) - set(names))
+        if unexpected:
+            raise ValueError(f"adapter in {path} has tensors this model does not: {unexpected[:10]}")
+        tensors.update({names[key]: value for key, value in adapter.items()})
+    extra_file = path / "trainable.safetensors"
+    if extra_file.is_file():
+        tensors.update(load_file(str(extra_file), device="cpu"))
+    return tensors
+
+
+def _write_optimizer_by_name(staging: Path, optimizer_state: dict) -> None:
+    tensors = {}
+    for name, entry in optimizer_state["state"].items():
+        for key, value in entry.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+    save_file(tensors, str(staging / OPTIMIZER_BY_NAME))
+    groups = [{k: _jsonable(list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
+              for group in optimizer_state["param_groups"]]
+    (staging / OPTIMIZER_GROUPS).write_text(json.dumps({"param_groups": groups}, indent=1))
+
+
+def _read_optimizer_by_name(path: Path) -> dict:
+    state: dict[str, dict] = {}
+    for key, value in load_file(str(path / OPTIMIZER_BY_NAME), device="cpu").items():
+        name, _, field = key.rpartition("/")
+        state.setdefault(name, {})[field] = value
+    groups = json.loads((path / OPTIMIZER_GROUPS).read_text())["param_groups"]
+    for group in groups:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def _load_optimizer(path: Path, policy, optimizer, dist) -> None:
+    """optimizer.pt (single / DDP runs: indexed like the optimizer) or the by-name files (sharded runs), into
+    whatever backend this run uses."""
+    indexed = path / "optimizer.pt"
+    sharded = getattr(dist, "is_sharded", False)
+    if indexed.is_file():
+        saved = torch.load(indexed, map_location="cpu", weights_only=True)
+        if not sharded:
+            optimizer.load_state_dict(saved)
+            return
+        order = [name for names in dist.param_group_names for name in names]  # build_optimizer's parameter order
+        saved = {"state": {order[int(i)]: entry for i, entry in saved["state"].items()},
+                 "param_groups": [dict(g, params=[order[int(i)] for i in g["params"]]) for g in saved["param_groups"]]}
+    elif (path / OPTIMIZER_BY_NAME).is_file():
+        if dist is None:
+            raise ValueError(f"{path} holds a sharded run's optimizer state: pass the run's Dist to load it")
+        saved = _read_optimizer_by_name(path)
+    else:
+        raise FileNotFoundError(f"{path} has neither optimizer.pt nor {OPTIMIZER_BY_NAME}")
+    dist.load_full_optimizer_state(policy, optimizer, saved)
 
 
 def load_latest_checkpoint(output_dir, policy, optimizer, scheduler, dist) -> dict | None:

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="tiny, tiny-oft, or a local checkpoint directory")
     source.add_argument("--run-dir", help="a training run's output_dir: its config and latest checkpoint")
     ev.add_argument("--family", choices=["openvla", "oft"], help="force OFT for released OFT checkpoints")
-    ev.add_argument("--suite", default="libero_spatial")
+    ev.add_argument("--suite", help="default: the run's suite with --run-dir, else libero_spatial")
     ev.add_argument("--task-ids", type=int, nargs="*")
     ev.add_argument("--trials", type=int, default=50, help="trials per task (the protocol: 50)")
     ev.add_argument("--mode", choices=["greedy", "sampled", "both"], default="greedy")
@@ -132,9 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from trainer.config import ConfigError
+
     args, rest = build_parser().parse_known_args(argv)
-    if getattr(args, "takes_rest", False):
-        sys.exit(args.func(args, rest))
-    if rest:
+    if rest and not getattr(args, "takes_rest", False):
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    sys.exit(args.func(args))
+    try:
+        code = args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args)
+    except ConfigError as error:  # a config problem is the user's to fix: the message, not a traceback
+        print(f"trainer {args.command}: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)

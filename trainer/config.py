@@ -8,6 +8,7 @@ scale_rewards, loss_type).
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,8 @@ class AlgoConfig:
     """KL-to-reference coefficient (reference = base model with adapters disabled); 0 = off."""
     entropy_coef: float = 0.0
     ppo_epochs: int = 1
+    num_mini_batches: int = 1
+    """Optimizer steps per epoch: the iteration's samples are split into this many mini-batches."""
     micro_batch_size: int = 64
     """Policy steps per forward/backward."""
     gamma: float = 0.99
@@ -164,8 +167,61 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message lists every problem found, each with what was expected."""
+
+
+class ConfigFileNotFoundError(ConfigError, FileNotFoundError):
+    """`--config FILE` names a file that does not exist."""
+
+
 def _one_of(name: str, value, allowed) -> list[str]:
     return [] if value in allowed else [f"{name} = {value!r}; expected one of {list(allowed)}"]
+
+
+def _check(problems: list[str], ok: bool, name: str, value, expected: str) -> None:
+    if not ok:  # written so that NaN fails every comparison
+        problems.append(f"{name} = {value!r}; expected {expected}")
+
+
+def _ranges(config: RunConfig) -> list[str]:
+    """Numeric ranges of options that validate() did not check otherwise."""
+    problems: list[str] = []
+    c, a, o, t, e, lo = config, config.algo, config.optim, config.train, config.env, config.lora
+    _check(problems, o.lr > 0, "optim.lr", o.lr, "> 0")
+    _check(problems, o.value_lr > 0, "optim.value_lr", o.value_lr, "> 0")
+    _check(problems, o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    _check(problems, o.warmup_iterations >= 0, "optim.warmup_iterations", o.warmup_iterations, ">= 0")
+    _check(problems, o.warn_factor > 0, "optim.warn_factor", o.warn_factor, "> 0")
+    _check(problems, t.iterations >= 0, "train.iterations", t.iterations, ">= 0")
+    _check(problems, t.seed >= 0, "train.seed", t.seed, ">= 0 (every random stream is derived from it)")
+    _check(problems, t.eval_every >= 0, "train.eval_every", t.eval_every, ">= 0 (0 = no evaluation)")
+    _check(problems, t.eval_episodes_per_task >= 1, "train.eval_episodes_per_task", t.eval_episodes_per_task, ">= 1")
+    _check(problems, t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every,
+           ">= 0 (0 = only at the end)")
+    if lo.enabled:
+        _check(problems, lo.rank >= 1, "lora.rank", lo.rank, ">= 1")
+        _check(problems, lo.alpha > 0, "lora.alpha", lo.alpha, "> 0")
+        _check(problems, 0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "in [0, 1)")
+    _check(problems, 0 <= a.gamma <= 1, "algo.gamma", a.gamma, "in [0, 1]")
+    _check(problems, 0 <= a.lam <= 1, "algo.lam", a.lam, "in [0, 1]")
+    for name in ("beta", "entropy_coef", "value_coef", "bc_warmup_iterations", "handover_iterations"):
+        value = getattr(a, name)
+        _check(problems, value >= 0, f"algo.{name}", value, ">= 0")
+    _check(problems, a.log_ratio_clamp > 0, "algo.log_ratio_clamp", a.log_ratio_clamp, "> 0")
+    for name in ("value_clip", "advantage_clamp"):
+        value = getattr(a, name)
+        _check(problems, value is None or value > 0, f"algo.{name}", value, "> 0 or null (off)")
+    _check(problems, 0 <= a.epsilon_start <= 1, "algo.epsilon_start", a.epsilon_start, "in [0, 1]")
+    _check(problems, e.max_steps is None or e.max_steps >= 1, "env.max_steps", e.max_steps, ">= 1 or null")
+    _check(problems, e.step_timeout_s > 0, "env.step_timeout_s", e.step_timeout_s, "> 0")
+    _check(problems, e.task_ids is None or all(i >= 0 for i in e.task_ids), "env.task_ids", e.task_ids,
+           "non-negative task indices")
+    _check(problems, c.rollout.video_episodes >= 0, "rollout.video_episodes", c.rollout.video_episodes, ">= 0")
+    problems += _one_of("model.family", c.model.family, (None, "openvla", "oft"))
+    problems += _one_of("train.backend", t.backend, ("auto", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "ddp",
+                                                     "single"))
+    return problems
 
 
 def validate(config: RunConfig) -> RunConfig:
@@ -193,7 +249,7 @@ def validate(config: RunConfig) -> RunConfig:
     for name in ("groups_per_iteration", "num_workers", "num_init_states"):
         if getattr(config.env, name) < 1:
             problems.append(f"env.{name} must be >= 1")
-    for name in ("micro_batch_size", "ppo_epochs"):
+    for name in ("micro_batch_size", "ppo_epochs", "num_mini_batches"):
         if getattr(config.algo, name) < 1:
             problems.append(f"algo.{name} must be >= 1")
     if config.optim.max_grad_norm <= 0 or config.optim.skip_factor < 1:
@@ -207,18 +263,28 @@ def validate(config: RunConfig) -> RunConfig:
             problems.append(str(error))
     if config.model.use_l1_head_for_eval and not (config.model.source.endswith("oft") or config.model.family == "oft"):
         problems.append("model.use_l1_head_for_eval needs an OpenVLA-OFT model")
+    problems += _ranges(config)
     if problems:
-        raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return config
 
 
 def load_config(args: list[str]) -> RunConfig:
     """`--config FILE` (YAML) then `--section.key value` overrides."""
+    args = [a.replace("--config=", "--config_path=", 1) if a.startswith("--config=") else a for a in args]
     args = ["--config_path" if a == "--config" else a for a in args]
     for i, a in enumerate(args):
-        if a == "--config_path" and i + 1 < len(args) and not Path(args[i + 1]).is_file():
-            raise FileNotFoundError(f"config file {args[i + 1]} does not exist")
-    return validate(draccus.parse(config_class=RunConfig, args=args, exit_on_error=False))
+        path = args[i + 1] if a == "--config_path" and i + 1 < len(args) else (
+            a.split("=", 1)[1] if a.startswith("--config_path=") else None)
+        if path is not None and not Path(path).is_file():
+            raise ConfigFileNotFoundError(f"config file {path} does not exist")
+    try:
+        config = draccus.parse(config_class=RunConfig, args=args, exit_on_error=False)
+    except draccus.utils.DraccusException as error:  # unknown option, a value of the wrong type, a YAML typo
+        raise ConfigError(f"invalid config: {error}") from error
+    except argparse.ArgumentError as error:  # e.g. "--optim.lr -1e-4": argparse reads -1e-4 as an option
+        raise ConfigError(f"invalid config: {error} (for a value that starts with '-', write --key=value)") from error
+    return validate(config)
 
 
 def dump(config: RunConfig) -> str:

@@ -113,8 +113,13 @@ def main(args) -> int:
         config, checkpoint = RunConfig(), None
         config.model.source, config.model.family = args.model, args.family
         config.lora.enabled = False
-    config.env.suite, config.env.num_workers, config.env.max_steps = args.suite, args.num_workers, args.max_steps
-    config.env.unnorm_key = args.unnorm_key
+    # With --run-dir, what the command line leaves out comes from the run's config (suite, step limit, norm key).
+    config.env.suite = args.suite or (config.env.suite if args.run_dir else "libero_spatial")
+    config.env.num_workers = args.num_workers
+    if args.max_steps is not None or not args.run_dir:
+        config.env.max_steps = args.max_steps
+    if args.unnorm_key is not None or not args.run_dir:
+        config.env.unnorm_key = args.unnorm_key
     config.model.use_l1_head_for_eval = args.l1_head
     validate(config)
     dist = Dist.create()
@@ -123,6 +128,13 @@ def main(args) -> int:
         load_checkpoint(checkpoint, policy)
     with make_env_pool(config, dist) as pool:
         task_ids = args.task_ids or list(range(pool.info.num_tasks))
+        bad = [t for t in task_ids if not 0 <= t < pool.info.num_tasks]
+        if bad or args.trials < 1:
+            from trainer.config import ConfigError
+
+            raise ConfigError("invalid eval options:" + (f"\n  - --task-ids {bad} are not tasks of {config.env.suite} "
+                                                          f"(0..{pool.info.num_tasks - 1})" if bad else "")
+                              + (f"\n  - --trials = {args.trials}; expected >= 1" if args.trials < 1 else ""))
         items = protocol_items(task_ids, args.trials, list(pool.info.num_init_states))
         results = {}
         for greedy in {"greedy": [True], "sampled": [False], "both": [True, False]}[args.mode]:
@@ -133,7 +145,9 @@ def main(args) -> int:
                 print(report.table())
             results[report.mode] = report.to_json()
     if dist.is_main and args.output:
-        Path(args.output).write_text(json.dumps({"model": args.model, "suite": args.suite, "trials_per_task":
-                                                 args.trials, "results": results}, indent=2))
+        Path(args.output).write_text(json.dumps({
+            "model": args.model or config.model.source, "run_dir": args.run_dir,
+            "checkpoint": str(checkpoint) if checkpoint is not None else None, "suite": config.env.suite,
+            "trials_per_task": args.trials, "results": results}, indent=2))
         print(f"results written to {args.output}")
     return 0

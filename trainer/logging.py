@@ -177,6 +177,8 @@ def _plain(value):
 
 
 def _format(value) -> str:
+    if value is None:  # e.g. train/loss of an iteration without an update
+        return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

@@ -21,7 +21,6 @@ import os
 import random
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +96,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def env_settings(config: RunConfig) -> EnvSettings:
     if config.env.suite == "toy":
         return EnvSettings(image_pipeline="none", binarize_gripper=False, unnorm_key=config.env.unnorm_key or "toy")
+    # LIBERO and its benchmark stand-in: the LIBERO image pipeline and gripper convention
     return EnvSettings(image_pipeline="libero", binarize_gripper=True, unnorm_key=config.env.unnorm_key or config.env.suite)
 
 
@@ -110,7 +110,8 @@ def build_policy(config: RunConfig, dist: Dist) -> VLAPolicy:
     """Model (tiny preset or local checkpoint) -> optional int8 base -> LoRA -> policy with optional value head."""
     check_quantization(config.quant.mode, dist.backend)
     model, tokenizer = load_model_and_tokenizer(config.model.source, seed=config.train.seed,
-                                                dtype=compute_dtype(config, dist), family=config.model.family)
+                                                dtype=compute_dtype(config, dist), family=config.model.family,
+                                                device=dist.device)
     if config.quant.mode == "int8":
         quantize_int8(model, dist.device)
     if config.model.gradient_checkpointing:
@@ -158,11 +159,13 @@ def make_env_pool(config: RunConfig, dist: Dist, num_workers: int | None = None)
     """This rank's env workers: subprocesses (crash-isolated) for LIBERO, in-process envs for the toy task."""
     num_workers = num_workers or config.env.num_workers
     env_kwargs = {} if config.env.max_steps is None else {"max_steps": config.env.max_steps}
-    if config.env.suite in LIBERO_SUITES:
+    if config.env.suite != "toy":
         from trainer.envs.pool import EnvPool
         from trainer.envs.render import choose_render_env, detect_gpu_count
 
-        render_env = choose_render_env(os.environ, detect_gpu_count(), config.env.render_backend, dist.local_rank)
+        render_env = {}
+        if config.env.suite in LIBERO_SUITES:
+            render_env = choose_render_env(os.environ, detect_gpu_count(), config.env.render_backend, dist.local_rank)
         return EnvPool(config.env.suite, num_workers, env_kwargs, env_vars=render_env,
                        step_timeout_s=config.env.step_timeout_s, reset_timeout_s=config.env.step_timeout_s)
     from trainer.envs.inline import InlinePool
@@ -258,12 +261,6 @@ def episode_advantages(config: RunConfig, episodes: list[Episode], dist: Dist, b
 # --- 4. update -------------------------------------------------------------------------------------------------------
 
 
-def _micro_batches(num_samples: int, count: int, size: int, generator: torch.Generator) -> list[list[int]]:
-    """`count` index lists of at most `size` samples (shuffled); lists past the data are empty (zero weight)."""
-    order = torch.randperm(num_samples, generator=generator).tolist()
-    return [order[i * size:(i + 1) * size] for i in range(count)]
-
-
 def _dummy_batch(policy: VLAPolicy, like: PolicyInputs | None) -> tuple[PolicyInputs, torch.Tensor]:
     """A one-sample batch whose loss is multiplied by zero: keeps a rank's collective calls in step with the others."""
     config = policy.config
@@ -279,79 +276,88 @@ def _dummy_batch(policy: VLAPolicy, like: PolicyInputs | None) -> tuple[PolicyIn
 
 def update_policy(config: RunConfig, policy: VLAPolicy, model, optimizer, samples: Samples, dist: Dist,
                   iteration: int, bc_phase: bool, state: TrainState, progress=None, any_inputs=None) -> dict:
-    """PPO epochs (or behaviour cloning) over micro-batches; one guarded optimizer step per epoch."""
+    """PPO epochs (or behaviour cloning): each epoch is split into `num_mini_batches` guarded optimizer steps, each
+    accumulated over micro-batches. Every rank runs the same number of mini- and micro-batches."""
     algo = config.algo
-    tokens_per_sample = policy.base_model.num_action_slots
     global_samples = dist.sum(len(samples))
     metrics: dict[str, float] = {"train/samples": global_samples}
     if global_samples == 0:
         metrics["train/update_skipped_no_samples"] = 1.0
         return metrics
-    # Losses are sums over the local batch divided by this denominator; DDP/FSDP average gradients over ranks, so
-    # dividing the global count by the world size gives the exact global token mean.
-    tokens_denominator = global_samples * tokens_per_sample / dist.world_size
-    sequences_denominator = global_samples / dist.world_size
     generator = torch.Generator().manual_seed(iteration_seed(config.train.seed, iteration) + dist.rank)
     totals: dict[str, float] = {}
-    use_ref = algo.beta > 0 and not bc_phase
     for epoch in range(algo.ppo_epochs):
-        count = dist.agreed_micro_batches(len(samples), algo.micro_batch_size)
-        for step_index, indices in enumerate(_micro_batches(len(samples), count, algo.micro_batch_size, generator)):
-            weight = 1.0 if indices else 0.0
-            if indices:
-                inputs = PolicyInputs.collate([samples.inputs[i] for i in indices], policy.config.pad_token_id)
-                token_ids = torch.stack([samples.token_ids[i] for i in indices])
-            else:
-                inputs, token_ids = _dummy_batch(policy, any_inputs)
-            sync = step_index == count - 1
-            with (nullcontext() if sync or dist.world_size == 1 else _no_sync(dist, model)):
-                evaluated = policy.evaluate(inputs, token_ids, temperature=config.rollout.temperature, model=model)
-                targets = _targets(samples, indices, evaluated)
-                mask = torch.ones_like(evaluated.log_probs)
-                if bc_phase:
-                    local_ids = policy.action_tokenizer.token_ids_to_local(token_ids.to(evaluated.logits.device))
-                    loss, parts = algos.behaviour_cloning_loss(evaluated.logits, local_ids, mask,
-                                                               num_tokens_global=tokens_denominator)
-                else:
-                    loss, parts = algos.ppo_clip_loss(
-                        evaluated.log_probs, targets["old_log_probs"], targets["advantages"], mask,
-                        epsilon=algo.epsilon, epsilon_high=algo.epsilon_high, log_ratio_clamp=algo.log_ratio_clamp,
-                        advantage_clamp=algo.advantage_clamp, loss_type=algo.loss_type,
-                        **({"num_tokens_global": tokens_denominator} if algo.loss_type == "token_mean"
-                           else {"num_sequences_global": sequences_denominator}))
-                    if algo.entropy_coef > 0:
-                        entropy, _ = algos.entropy_bonus(evaluated.entropy, mask, num_tokens_global=tokens_denominator)
-                        loss = loss - algo.entropy_coef * entropy
-                    parts["entropy"] = evaluated.entropy.detach().mean()
-                    if use_ref:
-                        with torch.no_grad(), policy.vla.disable_adapter():
-                            ref = policy.evaluate(inputs, token_ids, temperature=config.rollout.temperature,
-                                                  model=model)
-                        kl, kl_parts = algos.kl_to_reference(evaluated.log_probs, ref.log_probs, mask,
-                                                             num_tokens_global=tokens_denominator)
-                        loss = loss + algo.beta * kl
-                        parts.update(kl_parts)
-                    if evaluated.values is not None:
-                        v_loss, v_parts = algos.value_loss(evaluated.values, targets["old_values"],
-                                                           targets["returns"], clip_range=algo.value_clip,
-                                                           num_values_global=sequences_denominator)
-                        loss = loss + algo.value_coef * v_loss
-                        parts["value_loss_mean"] = 0.5 * ((evaluated.values.detach() - targets["returns"]) ** 2).mean()
-                        parts.update(v_parts)
-                dist.accelerator.backward(loss * weight)
-            if weight:
-                totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-                for key, value in parts.items():
-                    totals[key] = totals.get(key, 0.0) + float(value) * len(indices)
-                totals["_count"] = totals.get("_count", 0.0) + len(indices)
-            if progress is not None:
-                progress.update(1)
-        metrics.update(_optimizer_step(config, policy, model, optimizer, dist, state))
+        order = torch.randperm(len(samples), generator=generator).tolist()
+        for mini_batch in np.array_split(np.array(order, dtype=np.int64), algo.num_mini_batches):
+            mini_batch = mini_batch.tolist()
+            # Losses are local sums divided by the mini-batch's GLOBAL token count over the world size: DDP / FSDP
+            # average gradients over ranks, so the result is the exact token mean of the global mini-batch.
+            mini_global = dist.sum(len(mini_batch))
+            if mini_global == 0:
+                continue
+            count = dist.agreed_micro_batches(len(mini_batch), algo.micro_batch_size)
+            for step_index in range(count):
+                indices = mini_batch[step_index * algo.micro_batch_size:(step_index + 1) * algo.micro_batch_size]
+                sync = step_index == count - 1
+                with dist.no_sync(model, sync):  # gradients are reduced once, in the last micro-batch's backward
+                    loss, parts = _micro_batch_loss(config, policy, model, samples, indices, mini_global / dist.world_size,
+                                                    bc_phase, any_inputs)
+                    dist.backward(model, loss * (1.0 if indices else 0.0), sync=sync)
+                if indices:
+                    totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+                    for key, value in parts.items():
+                        totals[key] = totals.get(key, 0.0) + float(value) * len(indices)
+                    totals["_count"] = totals.get("_count", 0.0) + len(indices)
+                if progress is not None:
+                    progress.update(1)
+            metrics.update(_optimizer_step(config, policy, model, optimizer, dist, state))
     count = max(totals.pop("_count", 0.0), 1.0)
+    optimizer_steps = algo.ppo_epochs * algo.num_mini_batches
     for key, value in totals.items():
-        metrics[f"train/{key}"] = value / (1 if key == "loss" else count)
-    metrics["train/loss"] = metrics.get("train/loss", 0.0) / algo.ppo_epochs
+        metrics[f"train/{key}"] = value / (optimizer_steps if key == "loss" else count)
     return metrics
+
+
+def _micro_batch_loss(config: RunConfig, policy: VLAPolicy, model, samples: Samples, indices: list[int],
+                      sequences_denominator: float, bc_phase: bool, any_inputs) -> tuple[torch.Tensor, dict]:
+    """The loss of one micro-batch (an empty one is a zero-weight dummy that keeps collectives in step)."""
+    algo = config.algo
+    if indices:
+        inputs = PolicyInputs.collate([samples.inputs[i] for i in indices], policy.config.pad_token_id)
+        token_ids = torch.stack([samples.token_ids[i] for i in indices])
+    else:
+        inputs, token_ids = _dummy_batch(policy, any_inputs)
+    tokens_denominator = sequences_denominator * policy.base_model.num_action_slots
+    evaluated = policy.evaluate(inputs, token_ids, temperature=config.rollout.temperature, model=model)
+    targets = _targets(samples, indices, evaluated)
+    mask = torch.ones_like(evaluated.log_probs)
+    if bc_phase:
+        local_ids = policy.action_tokenizer.token_ids_to_local(token_ids.to(evaluated.logits.device))
+        return algos.behaviour_cloning_loss(evaluated.logits, local_ids, mask, num_tokens_global=tokens_denominator)
+    loss, parts = algos.ppo_clip_loss(
+        evaluated.log_probs, targets["old_log_probs"], targets["advantages"], mask, epsilon=algo.epsilon,
+        epsilon_high=algo.epsilon_high, log_ratio_clamp=algo.log_ratio_clamp, advantage_clamp=algo.advantage_clamp,
+        loss_type=algo.loss_type, **({"num_tokens_global": tokens_denominator} if algo.loss_type == "token_mean"
+                                     else {"num_sequences_global": sequences_denominator}))
+    parts["entropy"] = evaluated.entropy.detach().mean()
+    if algo.entropy_coef > 0:
+        entropy, _ = algos.entropy_bonus(evaluated.entropy, mask, num_tokens_global=tokens_denominator)
+        loss = loss - algo.entropy_coef * entropy
+    if algo.beta > 0:  # KL to the reference: the same model with the LoRA adapters switched off
+        with torch.no_grad(), policy.vla.disable_adapter():
+            reference = policy.evaluate(inputs, token_ids, temperature=config.rollout.temperature, model=model)
+        kl, kl_parts = algos.kl_to_reference(evaluated.log_probs, reference.log_probs, mask,
+                                             num_tokens_global=tokens_denominator)
+        loss = loss + algo.beta * kl
+        parts.update(kl_parts)
+    if evaluated.values is not None:
+        v_loss, v_parts = algos.value_loss(evaluated.values, targets["old_values"], targets["returns"],
+                                           clip_range=algo.value_clip, num_values_global=sequences_denominator)
+        loss = loss + algo.value_coef * v_loss
+        parts["value_loss"] = 0.5 * ((evaluated.values.detach() - targets["returns"]) ** 2).mean()
+        parts["explained_variance"] = algos.explained_variance(evaluated.values.detach(), targets["returns"])
+        parts.update(v_parts)
+    return loss, parts
 
 
 def _targets(samples: Samples, indices: list[int], evaluated) -> dict[str, torch.Tensor]:
@@ -369,14 +375,11 @@ def _targets(samples: Samples, indices: list[int], evaluated) -> dict[str, torch
     }
 
 
-def _no_sync(dist: Dist, model):
-    return dist.accelerator.no_sync(model)
-
-
 def _optimizer_step(config: RunConfig, policy, model, optimizer, dist: Dist, state: TrainState) -> dict:
     """Global grad norm -> guard (same decision on every rank) -> clip -> step; every skip is counted with its reason."""
     params = [p for p in policy.parameters() if p.requires_grad]
-    grad_norm = float(dist.accelerator.clip_grad_norm_(params, config.optim.max_grad_norm))
+    # Global norm before clipping (FSDP2 / DeepSpeed reduce it over ranks; DeepSpeed clips inside its own step).
+    grad_norm = dist.clip_grad_norm(model, params, config.optim.max_grad_norm)
     reason = dist.skip_decision(grad_norm, config.optim.max_grad_norm, config.optim.skip_factor)
     metrics = {"train/grad_norm": grad_norm, "train/step_skipped": 0.0}
     if reason is not None:
@@ -384,11 +387,11 @@ def _optimizer_step(config: RunConfig, policy, model, optimizer, dist: Dist, sta
         state.skip_reasons[reason] = state.skip_reasons.get(reason, 0) + 1
         metrics["train/step_skipped"] = 1.0
         metrics[f"guard/{reason}"] = 1.0
+        dist.skip_step(model, optimizer)  # gradients dropped; weights and optimizer state untouched
     else:
         if grad_norm > config.optim.warn_factor * config.optim.max_grad_norm:
             metrics["guard/grad_norm_warning"] = 1.0
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        dist.optimizer_step(model, optimizer)
     metrics["guard/skipped_steps_total"] = float(state.skipped_steps)
     return metrics
 
@@ -422,8 +425,10 @@ def train(config: RunConfig) -> dict:
     policy = build_policy(config, dist)
     logger.print("trainable parameters:\n" + format_breakdown(trainable_breakdown(policy)))
     optimizer, scheduler = build_optimizer(config, policy)
-    model, optimizer, scheduler = dist.accelerator.prepare(policy, optimizer, scheduler)
+    # The scheduler is not prepared: it steps once per iteration, whatever the backend and world size (see Dist.prepare).
+    model, optimizer = dist.prepare(policy, optimizer, max_grad_norm=config.optim.max_grad_norm)
     state = TrainState()
+    restored = None
     if config.train.resume:
         restored = load_latest_checkpoint(output_dir, policy, optimizer, scheduler, dist)
         if restored is not None:
@@ -437,9 +442,11 @@ def train(config: RunConfig) -> dict:
     counts = init_states_per_task(config, pool)
     last_metrics: dict = {}
     with pool, StopRequested() as stop:
-        if state.iteration == 0 and config.train.eval_every > 0:
+        # The baseline evaluation, once per run: a run resumed from a checkpoint of iteration 0 has logged it already.
+        if state.iteration == 0 and restored is None and config.train.eval_every > 0:
             last_metrics = {"iteration": 0, **evaluate_policy(config, policy, model, pool, dist, counts, 0, stop)}
-            logger.log(0, last_metrics)
+            if not stop():  # a stop mid-evaluation leaves a partial one: not logged
+                logger.log(0, last_metrics)
         while state.iteration < config.train.iterations and not stop():
             iteration = state.iteration  # 0-based index of the iteration now running
             started = time.perf_counter()
@@ -468,6 +475,7 @@ def train(config: RunConfig) -> dict:
             with logger.progress(f"update {iteration + 1}", total=None) as bar:
                 update_metrics = update_policy(config, policy, model, optimizer, samples, dist, iteration, bc_phase,
                                                state, progress=bar, any_inputs=any_inputs)
+            lr = scheduler.get_last_lr()[0]  # the rate this iteration's update used (before the schedule moves on)
             scheduler.step()
             state.iteration += 1
 
@@ -483,15 +491,19 @@ def train(config: RunConfig) -> dict:
                 "rollout/success_rate": totals["success"] / max(totals["valid"], 1),
                 "rollout/episodes": totals["valid"], "rollout/env_errors": totals["env_errors"],
                 "rollout/mean_length": totals["length"] / max(totals["valid"], 1),
-                "rollout/env_steps": totals["env_steps"], "lr": scheduler.get_last_lr()[0],
-                **advantage_metrics, **update_metrics,
+                "rollout/env_steps": totals["env_steps"], "lr": lr,
+                # Every line has the loss / grad-norm keys (null when no update ran: no samples) and the skip total.
+                **advantage_metrics, "train/loss": None, "train/grad_norm": None, **update_metrics,
+                "guard/skipped_steps_total": float(state.skipped_steps),
                 "time/rollout_seconds": rollout_stats.wall_seconds,
                 "time/policy_seconds": rollout_stats.policy_seconds,
                 "time/env_seconds": rollout_stats.env_seconds,
             }
             if config.train.eval_every > 0 and (state.iteration % config.train.eval_every == 0
                                                 or state.iteration == config.train.iterations):
-                metrics.update(evaluate_policy(config, policy, model, pool, dist, counts, state.iteration, stop))
+                eval_metrics = evaluate_policy(config, policy, model, pool, dist, counts, state.iteration, stop)
+                if not stop():  # a stop mid-evaluation leaves a partial one: not logged
+                    metrics.update(eval_metrics)
             metrics["time/iteration_seconds"] = time.perf_counter() - started
             metrics["time/env_steps_per_second"] = totals["env_steps"] / max(metrics["time/iteration_seconds"], 1e-9)
             logger.log(state.iteration, metrics)

@@ -1,0 +1,109 @@
+"""Shared pieces of the multi-process test scripts: the tiny run config, a fixed global batch, collective counting.
+
+The scripts run under torchrun (2 processes, gloo) or as one plain process (the reference); every rank builds the same
+global batch from fixed seeds and keeps its own slice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from trainer.config import RunConfig
+from trainer.envs.base import Observation
+from trainer.train import Samples
+
+GLOBAL_SAMPLES = 8
+INSTRUCTIONS = ["move to the red target", "go to the blue one", "reach green", "x"]
+
+
+def tiny_config(**overrides) -> RunConfig:
+    config = RunConfig()
+    config.model.source = "tiny"
+    config.lora.rank = 4
+    config.lora.alpha = 8
+    config.lora.include_lm_head = True
+    config.algo.name = "grpo"
+    config.algo.micro_batch_size = 2  # several micro-batches per rank: exercises no_sync / accumulation boundaries
+    config.algo.ppo_epochs = 1
+    config.optim.lr = 1e-3
+    config.optim.max_grad_norm = 1.0
+    config.train.seed = 0
+    config.env.suite = "toy"
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(config, section), name, value)
+    return config
+
+
+def fixed_samples(policy) -> Samples:
+    """GLOBAL_SAMPLES policy steps with fixed images, prompts, action tokens, old log-probs and advantages."""
+    rng = np.random.default_rng(1234)
+    generator = torch.Generator().manual_seed(1234)
+    samples = Samples()
+    for i in range(GLOBAL_SAMPLES):
+        obs = Observation(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                          rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                          rng.uniform(-1, 1, 8).astype(np.float32), INSTRUCTIONS[i % len(INSTRUCTIONS)])
+        inputs = policy.prepare([obs])
+        local = torch.randint(0, policy.config.n_action_bins, (policy.base_model.num_action_slots,),
+                              generator=generator)
+        samples.inputs.append(inputs)
+        samples.token_ids.append(policy.action_tokenizer.local_to_token_ids(local))
+        samples.old_log_probs.append(-5.55 + 0.3 * torch.randn(policy.base_model.num_action_slots,
+                                                              generator=generator))
+        samples.advantages.append(float(rng.normal()))
+        samples.returns.append(0.0)
+        samples.old_values.append(0.0)
+    return samples
+
+
+def rank_slice(samples: Samples, split: list[int], rank: int) -> Samples:
+    """The rank's contiguous share of the global batch: `split` gives each rank's sample count."""
+    start = sum(split[:rank])
+    out = Samples()
+    for name in ("inputs", "token_ids", "old_log_probs", "advantages", "returns", "old_values"):
+        setattr(out, name, getattr(samples, name)[start:start + split[rank]])
+    return out
+
+
+def count_all_gathers(fn) -> int:
+    """Number of all-gather collectives (c10d dispatcher ops: FSDP2's and DeepSpeed's alike) fn() issues on this rank."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "allgather" in str(func):
+                Counter.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.calls
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:5]
+    return max((float((a[k].float() - b[k].float()).abs().max()) if a[k].numel() else 0.0) for k in a)
+
+
+def flat_optimizer(state: dict) -> dict[str, torch.Tensor]:
+    return {f"{name}/{key}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().float().clone()
+            for name, entry in state.get("state", {}).items() for key, v in entry.items()}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, path)

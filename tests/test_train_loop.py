@@ -1,0 +1,280 @@
+"""The training loop end to end on the tiny model and the toy task: outputs and logging, the gradient guard, phases.
+
+Runs are in-process (a few seconds each with one intra-op thread); test hooks wrap functions of `trainer.algos`, and
+`trainer.train.update_policy` to know which iteration a loss call belongs to.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import trainer.algos
+import trainer.train
+from trainer.checkpoint import CHECKPOINTS, latest_checkpoint
+from trainer.config import dump, load_config
+from trainer.logging import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "tiny_toy_cpu.yaml")
+FAST = ["--env.groups_per_iteration", "4", "--rollout.num_generations", "4", "--env.num_workers", "16",
+        "--train.eval_episodes_per_task", "4", "--algo.micro_batch_size", "64", "--log.progress", "false"]
+PER_ITERATION_KEYS = ["iteration", "rollout/success_rate", "eval/greedy_success_rate", "eval/sampled_success_rate",
+                      "train/loss", "train/grad_norm", "guard/skipped_steps_total", "phase"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_restored_determinism():
+    """One intra-op thread (spinning torch threads make tiny runs ~10x slower on a small shared CPU box)."""
+    threads = torch.get_num_threads()
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def _config(output_dir: Path, *extra: str):
+    return load_config(["--config", CONFIG, "--train.output_dir", str(output_dir), *FAST, *extra])
+
+
+def _train(output_dir: Path, *extra: str) -> dict:
+    return trainer.train.train(_config(output_dir, *extra))
+
+
+def _by_iteration(run: Path) -> dict[int, dict]:
+    return {r["iteration"]: r for r in read_metrics(run / "metrics.jsonl")}
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+class _IterationTag:
+    """Wraps trainer.train.update_policy to record the 0-based iteration (and phase) whose update is running."""
+
+    def __init__(self, monkeypatch):
+        self.iteration: int | None = None
+        self.bc_phase: bool | None = None
+        original = trainer.train.update_policy
+        signature = inspect.signature(original)
+
+        def tagged(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs).arguments
+            self.iteration, self.bc_phase = bound["iteration"], bound["bc_phase"]
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.iteration = self.bc_phase = None
+
+        monkeypatch.setattr(trainer.train, "update_policy", tagged)
+
+
+# --- 4. outputs and logging ------------------------------------------------------------------------------------------
+
+
+def test_outputs_config_metrics_plots_and_a_failing_wandb_never_stop_the_run(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # conftest disables wandb; here: no key -> offline
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    calls = []
+
+    def broken_log(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("simulated wandb outage")
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", broken_log)
+    monkeypatch.setattr(wandb, "log", broken_log)
+
+    run = tmp_path / "run"
+    config = _config(run, "--train.iterations", "2", "--train.eval_every", "1", "--log.wandb", "true",
+                     "--log.plots", "true")
+    trainer.train.train(config)
+    output = capsys.readouterr().out
+
+    # The resolved config, re-loadable, identical after a round trip.
+    reloaded = load_config(["--config", str(run / "config.yaml")])
+    assert dump(reloaded) == dump(config)
+    assert reloaded.train.iterations == 2 and reloaded.env.groups_per_iteration == 4
+
+    # metrics.jsonl: the pre-training evaluation, then one object per iteration with the documented keys.
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    assert {"eval/greedy_success_rate", "eval/sampled_success_rate"} <= records[0].keys()
+    for record in records[1:]:
+        missing = [k for k in PER_ITERATION_KEYS if k not in record]
+        assert not missing, f"iteration {record['iteration']} lacks {missing}"
+        assert record["phase"] == "rl"
+        assert 0.0 <= record["rollout/success_rate"] <= 1.0
+        assert 0.0 <= record["eval/greedy_success_rate"] <= 1.0
+        assert record["guard/skipped_steps_total"] == 0.0
+        if record["train/samples"] > 0:
+            assert isinstance(record["train/loss"], float) and record["train/grad_norm"] > 0
+        else:  # no update ran (every group all-equal): the keys are there, empty
+            assert record["train/loss"] is None and record["train/grad_norm"] is None
+
+    # Plots are valid PNGs.
+    for name in ("success.png", "loss.png"):
+        assert _is_png(run / "plots" / name), name
+    import matplotlib.image
+
+    assert matplotlib.image.imread(run / "plots" / "success.png").ndim == 3
+
+    # wandb ran offline under output_dir/wandb; its failure was reported once and the run carried on.
+    assert (run / "wandb").is_dir()
+    assert list((run / "wandb").glob("offline-run-*")), list((run / "wandb").iterdir())
+    assert calls, "wandb's log was never called: the failure was not exercised"
+    assert output.count("wandb logging failed") == 1, output
+    assert latest_checkpoint(run).name == "iter-000002"
+
+
+def test_wandb_that_cannot_start_is_skipped_with_a_message(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    def broken_init(*args, **kwargs):
+        raise RuntimeError("simulated: no wandb today")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    run = tmp_path / "run"
+    _train(run, "--train.iterations", "1", "--train.eval_every", "0", "--log.wandb", "true", "--log.plots", "false")
+    output = capsys.readouterr().out
+    assert "wandb could not start" in output and "simulated: no wandb today" in output
+    assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl")] == [1]
+
+
+# --- 5. the gradient guard -------------------------------------------------------------------------------------------
+
+
+def _trainable_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    tensors = dict(load_file(str(checkpoint / "adapter_model.safetensors")))
+    if (checkpoint / "trainable.safetensors").is_file():
+        tensors.update(load_file(str(checkpoint / "trainable.safetensors")))
+    return tensors
+
+
+def _initial_weights(config) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    from trainer.dist import Dist
+
+    policy = trainer.train.build_policy(config, Dist.create())
+    tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(policy.vla).items()}
+    tensors.update({n: p.detach().clone() for n, p in policy.named_parameters() if n.startswith("value_head")})
+    return tensors
+
+
+@pytest.mark.parametrize("poison, reason", [(float("nan"), "nonfinite_grad_norm"),
+                                            (1e9, "grad_norm_above_threshold")])
+def test_guard_skips_a_bad_step_counts_it_and_leaves_the_weights_unchanged(tmp_path, monkeypatch, poison, reason):
+    """Iteration 1's loss gets `poison * mean(log-probs)` added (NaN, or a huge finite gradient); iteration 2 is
+    normal. PPO (value head + GAE) so that every iteration has samples to update on."""
+    tag = _IterationTag(monkeypatch)
+    original = trainer.algos.ppo_clip_loss
+
+    def poisoned(log_probs, *args, **kwargs):
+        loss, parts = original(log_probs, *args, **kwargs)
+        if tag.iteration == 0:
+            loss = loss + poison * log_probs.mean()
+        return loss, parts
+
+    monkeypatch.setattr(trainer.algos, "ppo_clip_loss", poisoned)
+    run = tmp_path / "run"
+    extra = ["--algo.name", "ppo", "--train.iterations", "2", "--train.eval_every", "0",
+             "--train.checkpoint_every", "1", "--log.plots", "false", "--algo.ppo_epochs", "1"]
+    _train(run, *extra)
+    lines = _by_iteration(run)
+    first, second = lines[1], lines[2]
+
+    assert first["train/samples"] > 0 and first["train/step_skipped"] == 1.0
+    assert first[f"guard/{reason}"] == 1.0
+    other = {"nonfinite_grad_norm", "grad_norm_above_threshold"} - {reason}
+    assert f"guard/{other.pop()}" not in first
+    assert first["guard/skipped_steps_total"] == 1.0
+    if reason == "grad_norm_above_threshold":
+        assert first["train/grad_norm"] > 1000.0 and first["train/grad_norm"] != float("inf")
+    else:
+        assert first["train/grad_norm"] in ("nan", "inf", "-inf")  # non-finite values are logged as strings
+
+    # Iteration 2 is healthy: stepped, and the total stays.
+    assert second["train/step_skipped"] == 0.0 and f"guard/{reason}" not in second
+    assert second["guard/skipped_steps_total"] == 1.0
+    state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
+    assert state["skipped_steps"] == 1 and state["skip_reasons"] == {reason: 1}
+
+    # Weights after the skipped step are the initial ones, bit for bit; after the healthy step they moved.
+    initial = _initial_weights(_config(tmp_path / "fresh", *extra))
+    after_skip = _trainable_weights(run / CHECKPOINTS / "iter-000001")
+    after_step = _trainable_weights(run / CHECKPOINTS / "iter-000002")
+    assert initial.keys() == after_skip.keys() and any(k.startswith("value_head") for k in initial)
+    for key in initial:
+        assert torch.equal(initial[key], after_skip[key]), key
+        assert torch.isfinite(after_step[key]).all(), key
+    assert any(not torch.equal(initial[k], after_step[k]) for k in initial)
+
+
+# --- 6. phases -------------------------------------------------------------------------------------------------------
+
+
+def test_phases_bc_warmup_then_handover_with_decreasing_epsilon_then_rl(tmp_path, monkeypatch):
+    """BC warm-up clones the greedy tokens of SUCCESSFUL episodes; a random-initialised tiny policy rarely succeeds
+    greedily, so a test hook marks the warm-up's (greedy) episodes successful to give it data."""
+    tag = _IterationTag(monkeypatch)
+    calls: list[tuple[str, int | None, bool | None]] = []
+    bc_original, ppo_original = trainer.algos.behaviour_cloning_loss, trainer.algos.ppo_clip_loss
+    greedy_probabilities = []
+
+    def bc_spy(logits, target_ids, *args, **kwargs):
+        calls.append(("bc", tag.iteration, tag.bc_phase))
+        loss, parts = bc_original(logits, target_ids, *args, **kwargs)
+        # Cross-entropy of the policy's logits against the rollout's greedy tokens, computed independently.
+        manual = torch.nn.functional.cross_entropy(logits.detach().flatten(0, 1).float(), target_ids.flatten())
+        torch.testing.assert_close(parts["bc_loss"], manual, rtol=1e-5, atol=1e-6)
+        return loss, parts
+
+    def ppo_spy(*args, **kwargs):
+        calls.append(("ppo", tag.iteration, tag.bc_phase))
+        return ppo_original(*args, **kwargs)
+
+    collect = trainer.train.collect_episodes
+
+    def collect_with_teacher_successes(*args, **kwargs):
+        episodes, stats = collect(*args, **kwargs)
+        greedy_probabilities.append(kwargs["greedy_probability"])
+        if kwargs["greedy_probability"] == 1.0:  # the warm-up's greedy rollouts: pretend the teacher succeeded
+            for episode in episodes:
+                episode.success = True
+        return episodes, stats
+
+    monkeypatch.setattr(trainer.algos, "behaviour_cloning_loss", bc_spy)
+    monkeypatch.setattr(trainer.algos, "ppo_clip_loss", ppo_spy)
+    monkeypatch.setattr(trainer.train, "collect_episodes", collect_with_teacher_successes)
+    run = tmp_path / "run"
+    _train(run, "--algo.bc_warmup_iterations", "1", "--algo.handover_iterations", "2", "--train.iterations", "4",
+           "--train.eval_every", "0", "--log.plots", "false", "--train.checkpoint_every", "0",
+           "--algo.name", "ppo", "--algo.ppo_epochs", "1")
+    lines = _by_iteration(run)
+    assert [lines[i]["phase"] for i in (1, 2, 3, 4)] == ["bc_warmup", "handover", "handover", "rl"]
+    epsilons = [lines[i]["phase/epsilon"] for i in (1, 2, 3, 4)]
+    assert epsilons == [1.0, 1.0, 0.5, 0.0]  # greedy warm-up, then linear decay 1 -> 1/2, then sampled only
+    assert greedy_probabilities == epsilons  # the rollouts used them
+
+    # Warm-up: the update is the behaviour-cloning cross-entropy (and nothing else); after it, the RL loss.
+    warmup = lines[1]
+    assert warmup["train/samples"] == warmup["rollout/env_steps"]  # every (successful) step is a BC target
+    assert warmup["train/loss"] == pytest.approx(warmup["train/bc_loss"], rel=1e-6)
+    # The targets are the policy's own greedy tokens and the (single) step comes after the forward passes.
+    assert warmup["train/bc_accuracy"] >= 0.99
+    assert "train/approx_kl" not in warmup and "train/value_loss" not in warmup
+    assert {c[1] for c in calls if c[0] == "bc"} == {0} and all(c[2] for c in calls if c[0] == "bc")
+    assert {c[1] for c in calls if c[0] == "ppo"} == {1, 2, 3} and not any(c[2] for c in calls if c[0] == "ppo")
+    for i in (2, 3, 4):
+        assert "train/bc_loss" not in lines[i] and "train/approx_kl" in lines[i]
