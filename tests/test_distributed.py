@@ -35,7 +35,7 @@ multiproc = pytest.mark.multiproc  # the tests that launch processes; the config
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "dist_scripts"
 PYTHON = sys.executable
-LAUNCH_TIMEOUT_S = 420
+LAUNCH_TIMEOUT_S = 300
 RTOL = 1e-5
 WEIGHT_ATOL = 1e-6
 
@@ -66,6 +66,22 @@ def _env(**extra: str) -> dict:
     return env
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a launcher we started and every process under it, by pid: torchrun puts its workers in sessions of
+    their own, so killing the launcher's process group would leave them running."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _run(commands: list[list[str]], envs: list[dict], log_dir: Path, name: str) -> None:
     """Start the commands together (several = several torchrun 'nodes'); fail with their output if any fails."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -79,9 +95,8 @@ def _run(commands: list[list[str]], envs: list[dict], log_dir: Path, name: str) 
             try:
                 codes.append(proc.wait(timeout=LAUNCH_TIMEOUT_S))
             except subprocess.TimeoutExpired:
-                for other in procs:  # the process group of each launcher we started (torchrun and its workers)
-                    if other.poll() is None:
-                        os.killpg(other.pid, signal.SIGKILL)
+                for other in procs:
+                    _kill_tree(other)
                 codes.append("timeout (a hang?)")
     failures = [f"{name} launcher {index} exited with {code}:\n{logs[index].read_text()[-6000:]}"
                 for index, code in enumerate(codes) if code != 0]

@@ -143,10 +143,10 @@ class Dist:
         """The Accelerator for however the run was launched (python, accelerate launch, torchrun, srun).
 
         mixed_precision None takes the launcher's choice (the YAML's `mixed_precision`), else "no".
-        On a host without GPUs, accelerate picks no backend for a multi-process launch and every rank believes it is
-        rank 0, and its FSDP plugin silently falls back to no sharding; creating the process state with gloo first
-        fixes both (PLATFORM_NOTES). A requested backend that accelerate did not set up is an error, never a silent
-        fall-back.
+        On a host without GPUs (tests, CI) accelerate picks no backend for a multi-process launch, so every rank
+        believes it is rank 0, and it never turns FSDP on (PLATFORM_NOTES): the process state is created with gloo
+        first and FSDP is switched on explicitly. A requested backend that accelerate did not set up is an error,
+        never a silent fall-back to unsharded training.
         """
         config_file = os.environ.get(ACCELERATE_CONFIG_ENV)
         if config_file:
@@ -456,7 +456,7 @@ class Dist:
         above skip_factor × max_grad_norm, skips the step everywhere.
         """
         finite = math.isfinite(grad_norm)
-        any_nonfinite = not finite  # MUTATION
+        any_nonfinite = self.any(not finite)
         if any_nonfinite:
             return "nonfinite_grad_norm"
         largest = self.max(grad_norm)

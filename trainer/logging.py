@@ -116,6 +116,9 @@ class RunLogger:
     def finish(self) -> None:
         if not self.active:
             return
+        summary = summarize(self.metrics_path) if self.metrics_path.exists() else ""
+        if summary:
+            self.print(summary)
         if self.config.log.plots:
             try:
                 write_plots(self.metrics_path, self.output_dir / "plots")
@@ -126,6 +129,19 @@ class RunLogger:
                 self._wandb.finish()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def summarize(metrics_path: Path) -> str:
+    """Success before and after training, from the first and last evaluation in metrics.jsonl."""
+    lines = []
+    records = read_metrics(metrics_path)
+    for key in ("eval/greedy_success_rate", "eval/sampled_success_rate"):
+        points = [(r["iteration"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if len(points) >= 2:
+            (first_it, first), (last_it, last) = points[0], points[-1]
+            lines.append(f"{key.split('/')[1].replace('_', ' ')}: {first:.3f} at iteration {first_it} -> "
+                         f"{last:.3f} at iteration {last_it}")
+    return ("success before -> after training\n  " + "\n  ".join(lines)) if lines else ""
 
 
 def read_metrics(path: Path) -> list[dict]:

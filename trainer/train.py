@@ -405,9 +405,10 @@ def evaluate_policy(config: RunConfig, policy, model, pool, dist: Dist, counts: 
     items = protocol_items([t for t, n in enumerate(counts) if n], config.train.eval_episodes_per_task, counts)
     metrics = {}
     for greedy in (True, False):
-        report = evaluate(policy, pool, items, dist, greedy=greedy, temperature=config.rollout.temperature,
-                          seed=config.train.seed + 1 + iteration, model=model,
-                          use_l1_head=config.model.use_l1_head_for_eval, stop=stop)
+        with dist.gathered_for_rollout(model):  # FSDP / ZeRO-3: weights gathered once, not per forward
+            report = evaluate(policy, pool, items, dist, greedy=greedy, temperature=config.rollout.temperature,
+                              seed=config.train.seed + 1 + iteration, model=model,
+                              use_l1_head=config.model.use_l1_head_for_eval, stop=stop)
         metrics[f"eval/{'greedy' if greedy else 'sampled'}_success_rate"] = report.success_rate
     return metrics
 
@@ -442,12 +443,17 @@ def train(config: RunConfig) -> dict:
     counts = init_states_per_task(config, pool)
     last_metrics: dict = {}
     with pool, StopRequested() as stop:
+        # A signal may reach some ranks only: inside a rollout each rank stops on its own (no collectives there);
+        # at the loop's safe points the ranks agree, so all of them stop together and none waits in a collective.
+        def stop_agreed() -> bool:
+            return dist.any(stop())
+
         # The baseline evaluation, once per run: a run resumed from a checkpoint of iteration 0 has logged it already.
         if state.iteration == 0 and restored is None and config.train.eval_every > 0:
             last_metrics = {"iteration": 0, **evaluate_policy(config, policy, model, pool, dist, counts, 0, stop)}
-            if not stop():  # a stop mid-evaluation leaves a partial one: not logged
+            if not stop_agreed():  # a stop mid-evaluation leaves a partial one: not logged
                 logger.log(0, last_metrics)
-        while state.iteration < config.train.iterations and not stop():
+        while state.iteration < config.train.iterations and not stop_agreed():
             iteration = state.iteration  # 0-based index of the iteration now running
             started = time.perf_counter()
             phase = algos.phase_at(iteration, schedule)
@@ -456,14 +462,15 @@ def train(config: RunConfig) -> dict:
             # 1-2. rollout on this rank's share of the items
             items = shard_work_items(iteration_items(config, counts, iteration), dist.rank, dist.world_size)
             policy.eval()
-            with logger.progress(f"rollout {iteration + 1}", total=len(items)) as bar:
+            with logger.progress(f"rollout {iteration + 1}", total=len(items)) as bar, \
+                    dist.gathered_for_rollout(model):  # FSDP / ZeRO-3: weights gathered once for the whole rollout
                 episodes, rollout_stats = collect_episodes(
                     policy, pool, items, greedy_probability=phase.epsilon, temperature=config.rollout.temperature,
                     run_seed=config.train.seed, rank=dist.rank, episode_offset=iteration * EPISODE_SEED_STRIDE,
                     model=model, generator=torch.Generator().manual_seed(
                         iteration_seed(config.train.seed, iteration) + 7919 * dist.rank),
                     progress=bar, should_stop=stop)
-            if stop():
+            if stop_agreed():
                 break  # weights untouched this iteration: the checkpoint below resumes exactly here
 
             # 3. advantages (global group statistics), filtering
@@ -502,7 +509,7 @@ def train(config: RunConfig) -> dict:
             if config.train.eval_every > 0 and (state.iteration % config.train.eval_every == 0
                                                 or state.iteration == config.train.iterations):
                 eval_metrics = evaluate_policy(config, policy, model, pool, dist, counts, state.iteration, stop)
-                if not stop():  # a stop mid-evaluation leaves a partial one: not logged
+                if not stop_agreed():  # a stop mid-evaluation leaves a partial one: not logged
                     metrics.update(eval_metrics)
             metrics["time/iteration_seconds"] = time.perf_counter() - started
             metrics["time/env_steps_per_second"] = totals["env_steps"] / max(metrics["time/iteration_seconds"], 1e-9)

@@ -137,6 +137,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--split", default=None, help="samples per rank, e.g. 5,3 (default: even)")
     parser.add_argument("--nan-rank", type=int, default=1)
+    parser.add_argument("--nan-via-loss", action="store_true",
+                        help="inject the NaN through the loss (before any reduction) instead of into the reduced "
+                             "gradients; for ZeRO offload, whose norms are computed while gradients are reduced")
     parser.add_argument("--foreign-checkpoint", default=None, help="a checkpoint of another run to load at the end")
     args = parser.parse_args()
     out = Path(args.out)
@@ -144,7 +147,7 @@ def main() -> None:
     started = time.perf_counter()
     torch.set_num_threads(1)
 
-    dist = Dist.create()
+    dist = Dist.create(timeout_minutes=3)  # a hang becomes an error naming the collective, not a silent wait
     rank, world = dist.rank, dist.world_size
     split = [int(x) for x in args.split.split(",")] if args.split else [GLOBAL_SAMPLES // world] * world
     if world == 1:
@@ -199,11 +202,21 @@ def main() -> None:
             poison_local_gradients(dist, model_, policy)
         return plain_clip(model_, params, max_norm)
 
-    dist.clip_grad_norm = poisoned_clip
+    plain_backward = dist.backward
+
+    def poisoned_backward(model_, loss, sync=True):
+        if dist.rank == nan_rank:
+            loss = loss * float("nan")
+        return plain_backward(model_, loss, sync=sync)
+
+    if args.nan_via_loss:
+        dist.backward = poisoned_backward
+    else:
+        dist.clip_grad_norm = poisoned_clip
     skipped_before = getattr(model, "skipped_steps", None)
     metrics = update_policy(config, policy, model, optimizer, local, dist, iteration=1, bc_phase=False, state=state,
                             any_inputs=everything.inputs[0])
-    dist.clip_grad_norm = plain_clip
+    dist.clip_grad_norm, dist.backward = plain_clip, plain_backward
     after_skip = dist.full_trainable_state(policy)
     optimizer_after = flat_optimizer(dist.full_optimizer_state(policy, optimizer))
     report["nan_step"] = {

@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dist = Dist.create()
+    dist = Dist.create(timeout_minutes=3)  # a hang becomes an error naming the collective, not a silent wait
     assert dist.world_size == 1
     results = {"backend": dist.backend}
     for run in map(Path, args.runs):

@@ -50,8 +50,12 @@ START_DISC_RADIUS = 0.15  # init states fill a disc of this radius around the ce
 
 COLOUR_NAMES = ("red", "green", "blue")
 TARGET_COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)
-# Fixed places, 0.6 from the centre, 120 degrees apart.
-TARGET_POSITIONS = np.array([[0.0, 0.6], [-0.52, -0.3], [0.52, -0.3]], dtype=np.float64)
+# Fixed places, 0.6 from the centre on three diagonals (up-right, up-left, down-left). On a diagonal, both action
+# dimensions that move the agent point the same way for every step, so a policy that puts its probability mass on the
+# right side of each dimension succeeds even when acting greedily (argmax over 256 bins is brittle while the
+# distribution is broad, and a target straight up would need the argmax of dx to sit in the few bins around 0).
+_D = 0.6 / math.sqrt(2.0)
+TARGET_POSITIONS = np.array([[_D, _D], [-_D, _D], [-_D, -_D]], dtype=np.float64)
 FLOOR_COLOUR = np.array([40, 40, 40], dtype=np.uint8)
 OUTSIDE_COLOUR = np.array([0, 0, 0], dtype=np.uint8)
 AGENT_COLOUR = np.array([255, 255, 255], dtype=np.uint8)
