@@ -56,26 +56,31 @@ def _reset_peak():
 # --- ceiling ---------------------------------------------------------------------------------------------------------
 
 
-def measure_ceiling(device, batches=(1, 16, 64), train_batches=(8, 16)) -> dict:
+def measure_ceiling(device, batches=(1, 16, 64), train_batches=(8, 16), preset_name: str = "openvla-7b") -> dict:
+    """Plain transformers / timm models of the preset's shapes (no project code in the timed paths)."""
     import timm
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from trainer.models.config import preset
+
+    vla_config = preset(preset_name)
     out: dict = {}
-    config = LlamaConfig(vocab_size=32064, pad_token_id=32000, rms_norm_eps=1e-6)
+    config = LlamaConfig(**{k: v for k, v in vla_config.text_config.items() if k != "model_type"})
     config._attn_implementation = "sdpa"
+    vocab = vla_config.base_vocab_size
     with torch.device(device):
         lm = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     with torch.no_grad():
         for name, seq in (("prefill_openvla", SEQ_OPENVLA), ("prefill_oft", SEQ_OFT)):
             out[name] = {}
             for batch in batches:
-                ids = torch.randint(0, 32000, (batch, seq), device=device)
+                ids = torch.randint(0, vocab, (batch, seq), device=device)
                 seconds = timed(lambda: lm(input_ids=ids, use_cache=False, logits_to_keep=56))
                 out[name][batch] = {"seconds": seconds, "samples_per_s": batch / seconds}
         out["decode7"] = {}
         for batch in batches:
-            ids = torch.randint(0, 32000, (batch, SEQ_OPENVLA - 7), device=device)
+            ids = torch.randint(0, vocab, (batch, SEQ_OPENVLA - 7), device=device)
 
             def decode():
                 o = lm(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -86,12 +91,14 @@ def measure_ceiling(device, batches=(1, 16, 64), train_batches=(8, 16)) -> dict:
 
             seconds = timed(decode)
             out["decode7"][batch] = {"seconds": seconds, "actions_per_s": batch / seconds}
-    towers = [timm.create_model(m, pretrained=False, num_classes=0, img_size=224).to(device, torch.bfloat16).eval()
-              for m in ("vit_large_patch14_reg4_dinov2", "vit_so400m_patch14_siglip_224")]
+    towers = [timm.create_model(m, pretrained=False, num_classes=0, **{"img_size": vla_config.image_size, **kw})
+              .to(device, torch.bfloat16).eval()
+              for m, kw in zip(vla_config.timm_model_ids, vla_config.trainer.timm_model_kwargs)]
+    size = vla_config.image_size
     out["vision"] = {}
     with torch.no_grad():
         for batch in batches:
-            images = torch.randn(batch, 3, 224, 224, device=device, dtype=torch.bfloat16)
+            images = torch.randn(batch, 3, size, size, device=device, dtype=torch.bfloat16)
             seconds = timed(lambda: [t.forward_features(images) for t in towers])
             out["vision"][batch] = {"seconds": seconds, "images_per_s": batch / seconds}
     del towers
@@ -102,7 +109,7 @@ def measure_ceiling(device, batches=(1, 16, 64), train_batches=(8, 16)) -> dict:
     optimizer = torch.optim.AdamW([p for p in peft_lm.parameters() if p.requires_grad], lr=1e-5)
     out["lora_train"] = {}
     for batch in train_batches:
-        ids = torch.randint(0, 32000, (batch, SEQ_OPENVLA), device=device)
+        ids = torch.randint(0, vocab, (batch, SEQ_OPENVLA), device=device)
 
         def step():
             logits = peft_lm(input_ids=ids, use_cache=False, logits_to_keep=8).logits
@@ -147,9 +154,9 @@ def _policy(preset: str, device, lora: bool = False, int8: bool = False):
     return policy.to(device)
 
 
-def measure_rollout(device, batches=(1, 16, 64)) -> dict:
+def measure_rollout(device, batches=(1, 16, 64), presets=("openvla-7b", "openvla-7b-oft")) -> dict:
     out: dict = {}
-    for preset in ("openvla-7b", "openvla-7b-oft"):
+    for preset in presets:
         policy = _policy(preset, device).eval()
         out[preset] = {}
         for batch in batches:
@@ -301,11 +308,12 @@ def main(args) -> int:
     parts = set(args.parts.split(","))
     result = None
     if "ceiling" in parts:
-        report["ceiling"] = measure_ceiling(device, batches=tuple(args.batches))
+        report["ceiling"] = measure_ceiling(device, batches=tuple(args.batches), preset_name=args.preset)
     if "rollout" in parts:
-        report["rollout"] = measure_rollout(device, batches=tuple(args.batches))
+        report["rollout"] = measure_rollout(device, batches=tuple(args.batches),
+                                            presets=(args.preset, f"{args.preset}-oft".replace("-oft-oft", "-oft")))
     if "update" in parts:
-        result = measure_update(args.update_batch, int8=args.int8, steps=args.steps)
+        result = measure_update(args.update_batch, int8=args.int8, steps=args.steps, preset=args.preset)
         if result:
             report.setdefault("update", []).append(result)
     if "update" in parts and not result:

@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--update-batch", type=int, default=16, help="samples per GPU per update step")
     bench.add_argument("--steps", type=int, default=3)
     bench.add_argument("--int8", action="store_true", help="LLM.int8 base + 8-bit AdamW for the update part")
+    bench.add_argument("--preset", default="openvla-7b", help="openvla-7b (full size) or tiny (a CPU smoke run)")
     bench.add_argument("--out", default="bench/report.json", help="JSON report (merged with an existing one)")
     bench.set_defaults(func=lambda args: __import__("trainer.bench", fromlist=["main"]).main(args), takes_rest=False)
 

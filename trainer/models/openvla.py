@@ -289,7 +289,7 @@ class OpenVLA(nn.Module):
                                     device=inputs.device)
         bidirectional = bidirectional.masked_fill(~mask.bool()[:, None, None, :], blocked)
         hidden = self.language_model.model(
-            inputs_embeds=inputs, attention_mask=bidirectional, position_ids=positions
+            inputs_embeds=inputs, attention_mask=bidirectional, position_ids=positions, use_cache=False
         ).last_hidden_state
         # Each slot is read from the state one position before it (next-token style): from the space token on.
         end = hidden.shape[1] - 2  # exclusive: the last slot's own state is not used

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU benchmark, stage by stage (each stage fits one device call). Writes $OUT (default bench/) report.json,
+# logs and the e2e metrics. Run from the repository root on a GPU host:
+#   bash scripts/bench_gpu.sh single   # ceiling, rollout (OpenVLA + OFT, batch 1/16/64), update bf16 and int8 on GPU 0
+#   bash scripts/bench_gpu.sh multi    # update on 2 GPUs: DDP, FSDP2, ZeRO-3
+#   bash scripts/bench_gpu.sh e2e      # whole RL iterations (rollout + update) with the LIBERO stand-in env, 1 GPU
+#   bash scripts/bench_gpu.sh e2e2     # the same on 2 GPUs with FSDP2, ZeRO-3 and DDP
+set -uo pipefail
+OUT=${OUT:-bench}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PY=${PY:-python3}
+report="$OUT/report.json"
+run() { echo "=== $*"; local start=$SECONDS; "$@" 2>&1 | grep -v -E "Warning|warn\(|kernels" | tail -40; echo "=== took $((SECONDS - start)) s"; }
+launch() { local config=$1; shift; run $PY -m accelerate.commands.launch --config_file "$config" --num_processes 2 "$@"; }
+e2e() { local name=$1; shift; run "$@" --train.output_dir "$OUT/e2e_$name" && cp "$OUT/e2e_$name/metrics.jsonl" "$OUT/e2e_${name}.jsonl"; }
+
+case "${1:-single}" in
+  single)
+    export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+    run $PY -m trainer bench --parts ceiling,rollout --out "$report"
+    run $PY -m trainer bench --parts update --update-batch 16 --out "$report"
+    run $PY -m trainer bench --parts update --update-batch 16 --int8 --out "$report"
+    ;;
+  multi)
+    launch accelerate_configs/ddp_2gpu.yaml -m trainer bench --parts update --update-batch 16 --out "$report"
+    launch accelerate_configs/fsdp_1node.yaml -m trainer bench --parts update --update-batch 16 --out "$report"
+    launch accelerate_configs/deepspeed_zero3.yaml -m trainer bench --parts update --update-batch 16 --out "$report"
+    ;;
+  e2e)
+    export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+    e2e oft_1gpu $PY -m trainer train --config configs/bench_standin_oft.yaml
+    e2e int8_1gpu $PY -m trainer train --config configs/bench_standin_oft.yaml --model.source random:openvla-7b \
+      --quant.mode int8 --quant.optimizer_8bit true --model.dtype bf16
+    ;;
+  e2e2)
+    for backend in fsdp_1node deepspeed_zero3 ddp_2gpu; do
+      e2e "${backend}_2gpu" $PY -m accelerate.commands.launch --config_file accelerate_configs/$backend.yaml \
+        --num_processes 2 -m trainer train --config configs/bench_standin_oft.yaml --model.source random:openvla-7b
+    done
+    ;;
+esac
