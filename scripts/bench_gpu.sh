@@ -14,7 +14,7 @@ PY=${PY:-python3}
 report="$OUT/report.json"
 run() { echo "=== $*"; local start=$SECONDS; "$@" 2>&1 | grep -v -E "Warning|warn\(|kernels" | tail -40; echo "=== took $((SECONDS - start)) s"; }
 launch() { local config=$1; shift; run $PY -m accelerate.commands.launch --config_file "$config" --num_processes 2 "$@"; }
-e2e() { local name=$1; shift; run "$@" --train.output_dir "$OUT/e2e_$name" && cp "$OUT/e2e_$name/metrics.jsonl" "$OUT/e2e_${name}.jsonl"; }
+e2e() { local name=$1; shift; run "$@" --train.output_dir "$OUT/e2e_$name"; cp "$OUT/e2e_$name/metrics.jsonl" "$OUT/e2e_${name}.jsonl"; rm -rf "$OUT/e2e_$name"; }
 
 case "${1:-single}" in
   single)
@@ -31,13 +31,13 @@ case "${1:-single}" in
   e2e)
     export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
     e2e oft_1gpu $PY -m trainer train --config configs/bench_standin_oft.yaml
-    e2e int8_1gpu $PY -m trainer train --config configs/bench_standin_oft.yaml --model.source random:openvla-7b \
-      --quant.mode int8 --quant.optimizer_8bit true --model.dtype bf16
+    e2e int8_1gpu $PY -m trainer train --config configs/bench_standin_oft.yaml --quant.mode int8 \
+      --quant.optimizer_8bit true
     ;;
   e2e2)
-    for backend in fsdp_1node deepspeed_zero3 ddp_2gpu; do
-      e2e "${backend}_2gpu" $PY -m accelerate.commands.launch --config_file accelerate_configs/$backend.yaml \
-        --num_processes 2 -m trainer train --config configs/bench_standin_oft.yaml --model.source random:openvla-7b
+    for backend in fsdp_1node ddp_2gpu deepspeed_zero3; do
+      e2e "${backend}_2gpu" timeout ${E2E_TIMEOUT:-240} $PY -m accelerate.commands.launch --config_file \
+        accelerate_configs/$backend.yaml --num_processes 2 -m trainer train --config configs/bench_standin_oft.yaml
     done
     ;;
 esac

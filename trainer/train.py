@@ -512,6 +512,8 @@ def train(config: RunConfig) -> dict:
                 if not stop_agreed():  # a stop mid-evaluation leaves a partial one: not logged
                     metrics.update(eval_metrics)
             metrics["time/iteration_seconds"] = time.perf_counter() - started
+            if torch.cuda.is_available():  # the largest peak over ranks, since the start of the run
+                metrics["memory/peak_gb_per_gpu"] = dist.max(torch.cuda.max_memory_allocated() / 2**30)
             metrics["time/env_steps_per_second"] = totals["env_steps"] / max(metrics["time/iteration_seconds"], 1e-9)
             logger.log(state.iteration, metrics)
             last_metrics = metrics
