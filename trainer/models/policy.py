@@ -194,7 +194,9 @@ class VLAPolicy(nn.Module):
         scaled = logits / temperature
         log_probs = torch.log_softmax(scaled, dim=-1)
         flat = log_probs.reshape(-1, log_probs.shape[-1])
-        sampled = torch.multinomial(flat.exp(), 1, generator=generator).reshape(log_probs.shape[:-1])
+        # Sampled on the CPU with the caller's (CPU) generator: the same draws on any device, and a few kB to move.
+        sampled = torch.multinomial(flat.exp().float().cpu(), 1, generator=generator).to(logits.device)
+        sampled = sampled.reshape(log_probs.shape[:-1])
         argmax = log_probs.argmax(-1)
         greedy_mask = torch.as_tensor(greedy, device=logits.device, dtype=torch.bool)
         if greedy_mask.ndim == 1:  # per-sample choice (epsilon-greedy hand-over)
