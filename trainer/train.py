@@ -428,6 +428,8 @@ def train(config: RunConfig) -> dict:
     optimizer, scheduler = build_optimizer(config, policy)
     # The scheduler is not prepared: it steps once per iteration, whatever the backend and world size (see Dist.prepare).
     model, optimizer = dist.prepare(policy, optimizer, max_grad_norm=config.optim.max_grad_norm)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the logged peak is training's, not the model build's
     state = TrainState()
     restored = None
     if config.train.resume:

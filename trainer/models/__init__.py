@@ -31,12 +31,17 @@ def _identity_norm_stats() -> dict:
     return {suite: stats for suite in SUITES if suite != "toy"}
 
 
-def _tiny(name: str, seed: int, device="cpu", benchmark_stats: bool = False):
+def _tiny(name: str, seed: int, device="cpu", benchmark_stats: bool = False, dtype: torch.dtype = torch.float32):
     config = preset(name)
     if benchmark_stats:  # random weights for benchmarks: identity bounds under every suite's key
         config.norm_stats = {**(config.norm_stats or {}), **_identity_norm_stats()}
-    with torch.device(device):
-        model = build_model(config, seed=seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its final dtype: a 7B model built in fp32 first would need 30 GB
+    try:
+        with torch.device(device):
+            model = build_model(config, seed=seed)
+    finally:
+        torch.set_default_dtype(previous)
     return model, build_tiny_tokenizer(config.base_vocab_size)
 
 
@@ -49,7 +54,7 @@ def load_model_and_tokenizer(source: str, seed: int = 0, dtype: torch.dtype = to
         model, tokenizer = _tiny(source, seed)
         return model.to(device=device, dtype=dtype), tokenizer
     if source.startswith(RANDOM_PREFIX) and source[len(RANDOM_PREFIX):] in PRESETS:
-        model, tokenizer = _tiny(source[len(RANDOM_PREFIX):], seed, device=device, benchmark_stats=True)
+        model, tokenizer = _tiny(source[len(RANDOM_PREFIX):], seed, device=device, benchmark_stats=True, dtype=dtype)
         return model.to(dtype=dtype), tokenizer
     if source in PRESETS:
         raise ValueError(
