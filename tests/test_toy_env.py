@@ -1,7 +1,6 @@
 """The toy reach task: rules, rendering, determinism, difficulty; and the make_env registry."""
 
 import sys
-import time
 import types
 
 import numpy as np
@@ -106,25 +105,27 @@ def test_wrist_view_follows_the_agent():
     env = ToyReachEnv()
     wrist = env.reset(RED, 0, seed=0).wrist_image
     assert tuple(wrist[16, 16]) == tuple(AGENT_COLOUR)  # the agent is always in the middle
-    # From the centre the edges of all three targets are in view, each in its own direction.
-    red_rows, _ = pixels_of(wrist, TARGET_COLOURS[RED])
+    # From the centre the edges of all three targets are in view, each in its own diagonal direction
+    # (red up-right, green up-left, blue down-left; image rows grow downwards).
+    red_rows, red_cols = pixels_of(wrist, TARGET_COLOURS[RED])
     green_rows, green_cols = pixels_of(wrist, TARGET_COLOURS[GREEN])
     blue_rows, blue_cols = pixels_of(wrist, TARGET_COLOURS[BLUE])
-    assert len(red_rows) > 0 and red_rows.max() < 16
-    assert len(green_rows) > 0 and green_rows.min() > 16 and green_cols.max() < 16
-    assert len(blue_rows) > 0 and blue_rows.min() > 16 and blue_cols.min() > 16
-    # Two steps down: red is out of view, green shows on the left and blue on the right.
-    wrist = env.step(chunk((0.0, -1.0), (0.0, -1.0))).observation.wrist_image
+    assert len(red_rows) > 0 and red_rows.max() < 16 and red_cols.min() > 16
+    assert len(green_rows) > 0 and green_rows.max() < 16 and green_cols.max() < 16
+    assert len(blue_rows) > 0 and blue_rows.min() > 16 and blue_cols.max() < 16
+    # Two steps right: green and blue fall out of view, red is still there, up and to the right.
+    wrist = env.step(chunk((1.0, 0.0), (1.0, 0.0))).observation.wrist_image
     assert tuple(wrist[16, 16]) == tuple(AGENT_COLOUR)
-    assert len(pixels_of(wrist, TARGET_COLOURS[RED])[0]) == 0
-    green_cols, blue_cols = pixels_of(wrist, TARGET_COLOURS[GREEN])[1], pixels_of(wrist, TARGET_COLOURS[BLUE])[1]
-    assert len(green_cols) > 0 and green_cols.max() < 16
-    assert len(blue_cols) > 0 and blue_cols.min() >= 16
+    assert len(pixels_of(wrist, TARGET_COLOURS[GREEN])[0]) == 0
+    assert len(pixels_of(wrist, TARGET_COLOURS[BLUE])[0]) == 0
+    red_rows, red_cols = pixels_of(wrist, TARGET_COLOURS[RED])
+    assert len(red_rows) > 0 and red_rows.max() < 16
     # At the left wall the left half of the view is outside the arena (black), the right half is floor.
     env.reset(GREEN, 0, seed=0)
     wrist = env.step(chunk(*[(-1.0, 0.0)] * 6)).observation.wrist_image
     assert env.agent_position[0] == -1.0
-    assert np.all(wrist[:, :12] == OUTSIDE_COLOUR) and np.all(wrist[:, 16:][:12] == FLOOR_COLOUR)
+    # (right of the agent, between the green target above and the blue one below)
+    assert np.all(wrist[:, :12] == OUTSIDE_COLOUR) and np.all(wrist[8:24, 20:] == FLOOR_COLOUR)
 
 
 def test_dynamics_only_dims_0_and_1_move_the_agent_and_actions_are_clipped():
@@ -161,15 +162,15 @@ def test_a_chunk_runs_open_loop_until_the_episode_ends():
 
 def test_reaching_the_named_target_gives_reward_once_and_ends_the_episode():
     env = ToyReachEnv()
-    env.reset(RED, 0, seed=0)  # starts about 0.6 below the red target
-    result = env.step(chunk(*[(0.0, 1.0)] * 8))
+    env.reset(RED, 0, seed=0)  # starts about 0.6 down-left of the red target
+    result = env.step(chunk(*[(1.0, 1.0)] * 8))
     assert result.success and result.done and result.reward == 1.0
     assert result.info["distance_to_target"] <= env.success_radius
     # The chunk stopped at the first step within reach: one step fewer is not a success yet.
     needed = result.steps_executed
     assert 2 <= needed < 8 and result.info["elapsed_steps"] == needed
     env.reset(RED, 0, seed=0)
-    short = env.step(chunk(*[(0.0, 1.0)] * (needed - 1)))
+    short = env.step(chunk(*[(1.0, 1.0)] * (needed - 1)))
     assert not short.success and short.reward == 0.0 and short.info["distance_to_target"] > env.success_radius
     # Reaching another colour's target is not success.
     env.reset(GREEN, 0, seed=0)
@@ -238,19 +239,6 @@ def test_a_random_policy_succeeds_rarely_but_sometimes():
     rate = successes / episodes
     # Rare enough that learning shows, common enough that GRPO's first groups have a signal. Measured: ~0.08.
     assert 0.03 <= rate <= 0.15, rate
-
-
-def test_a_step_costs_well_under_a_millisecond():
-    env = ToyReachEnv()
-    env.reset(RED, 0, seed=0)
-    actions = chunk((0.0, 0.0))
-    count, start = 0, time.perf_counter()
-    while count < 400:
-        if env.step(actions).done:
-            env.reset(RED, count % NUM_INIT_STATES, seed=count)
-        count += 1
-    per_step = (time.perf_counter() - start) / count
-    assert per_step < 1e-3, per_step  # ~0.06 ms measured on an idle core; generous for a loaded CI machine
 
 
 # --- make_env ------------------------------------------------------------------------------------------------------
