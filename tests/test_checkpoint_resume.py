@@ -26,7 +26,9 @@ from trainer.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_toy_cpu.yaml")
+# Small and fast, and one optimizer step per iteration whatever the shipped config says (the tests count steps).
 FAST = ["--env.groups_per_iteration", "4", "--rollout.num_generations", "4", "--env.num_workers", "16",
+        "--algo.ppo_epochs", "1", "--algo.num_mini_batches", "1", "--algo.epsilon", "0.2", "--algo.epsilon_high", "0.28",
         "--train.eval_episodes_per_task", "4", "--algo.micro_batch_size", "64", "--log.progress", "false",
         "--log.plots", "false", "--log.wandb", "false"]
 SUBPROCESS_ENV = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -109,8 +111,8 @@ def test_two_plus_two_iterations_after_resume_equal_four_uninterrupted(tmp_path,
     # LoRA dropout draws from torch's global RNG during the update: the resumed run matches only if the checkpoint
     # restored that stream too (every other stream is derived from the run seed). A cosine schedule with warm-up
     # makes the learning rate depend on the restored scheduler state.
-    common = ["--algo.name", algo, "--train.deterministic", "true", "--train.eval_every", "2",
-              "--train.checkpoint_every", "2", "--lora.dropout", "0.1", "--optim.scheduler", "cosine",
+    common = ["--algo.name", algo, "--train.deterministic", "true", "--algo.dynamic_sampling", "false",
+              "--train.eval_every", "2", "--train.checkpoint_every", "2", "--lora.dropout", "0.1", "--optim.scheduler", "cosine",
               "--optim.warmup_iterations", "1", "--train.iterations", "4"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _train(straight, *common)

@@ -22,7 +22,9 @@ from trainer.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_toy_cpu.yaml")
+# Small and fast, and one optimizer step per iteration whatever the shipped config says (the tests count steps).
 FAST = ["--env.groups_per_iteration", "4", "--rollout.num_generations", "4", "--env.num_workers", "16",
+        "--algo.ppo_epochs", "1", "--algo.num_mini_batches", "1", "--algo.epsilon", "0.2", "--algo.epsilon_high", "0.28",
         "--train.eval_episodes_per_task", "4", "--algo.micro_batch_size", "64", "--log.progress", "false"]
 PER_ITERATION_KEYS = ["iteration", "rollout/success_rate", "eval/greedy_success_rate", "eval/sampled_success_rate",
                       "train/loss", "train/grad_norm", "guard/skipped_steps_total", "phase"]
