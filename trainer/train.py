@@ -438,6 +438,8 @@ def train(config: RunConfig) -> dict:
             state = TrainState(**restored)
             logger.truncate_after(state.iteration)
             logger.print(f"resumed from iteration {state.iteration} in {output_dir}")
+    if restored is None:
+        logger.truncate_after(-1)  # a fresh run into a used output_dir starts a fresh metrics.jsonl
 
     schedule = algos.PhaseSchedule(config.algo.bc_warmup_iterations, config.algo.handover_iterations,
                                    config.algo.epsilon_start)
