@@ -31,20 +31,7 @@ from trainer.envs.libero import (
 )
 from trainer.envs.render import apply_render_env, choose_render_env, detect_gpu_count
 
-
-def _libero_unavailable_reason() -> str | None:
-    for module in ("libero", "robosuite", "mujoco"):
-        if importlib.util.find_spec(module) is None:
-            return f"`{module}` is not installed: install the project's `libero` extra (scripts/setup.sh)"
-    try:
-        libero_setup.find_libero_package_dir()
-        libero_setup.find_installed_assets()
-    except libero_setup.LiberoNotReadyError as error:
-        return str(error)
-    return None
-
-
-LIBERO_UNAVAILABLE = _libero_unavailable_reason()
+LIBERO_UNAVAILABLE = libero_setup.unavailable_reason()
 needs_libero = pytest.mark.skipif(LIBERO_UNAVAILABLE is not None, reason=f"LIBERO unavailable: {LIBERO_UNAVAILABLE}")
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
 from trainer.models.lora import LoraSettings, apply_lora, check_quantization, quantize_int8, trainable_breakdown

@@ -14,7 +14,6 @@ Skipped, with the reason, only where LIBERO or its assets are not installed.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import threading
@@ -28,20 +27,7 @@ import torch
 from trainer.envs import libero_setup
 from trainer.envs.sharding import build_work_items
 
-
-def _libero_unavailable_reason() -> str | None:
-    for module in ("libero", "robosuite", "mujoco"):
-        if importlib.util.find_spec(module) is None:
-            return f"`{module}` is not installed: install the project's `libero` extra (scripts/setup.sh)"
-    try:
-        libero_setup.find_libero_package_dir()
-        libero_setup.find_installed_assets()
-    except libero_setup.LiberoNotReadyError as error:
-        return str(error)
-    return None
-
-
-LIBERO_UNAVAILABLE = _libero_unavailable_reason()
+LIBERO_UNAVAILABLE = libero_setup.unavailable_reason()
 pytestmark = [
     pytest.mark.libero,
     pytest.mark.skipif(LIBERO_UNAVAILABLE is not None, reason=f"LIBERO unavailable: {LIBERO_UNAVAILABLE}"),

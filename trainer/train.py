@@ -37,9 +37,16 @@ from trainer.envs.sharding import WorkItem, build_work_items, sample_groups, sha
 from trainer.evaluate import evaluate, protocol_items
 from trainer.logging import RunLogger
 from trainer.models import EnvSettings, PolicyInputs, VLAPolicy, load_model_and_tokenizer
-from trainer.models.lora import LoraSettings, apply_lora, check_quantization, format_breakdown, int8_optimizer
-from trainer.models.lora import quantize_int8, trainable_breakdown
-from trainer.rollout import Episode, collect_episodes, success_rate
+from trainer.models.lora import (
+    LoraSettings,
+    apply_lora,
+    check_quantization,
+    format_breakdown,
+    int8_optimizer,
+    quantize_int8,
+    trainable_breakdown,
+)
+from trainer.rollout import Episode, collect_episodes
 
 EPISODE_SEED_STRIDE = 1_000_003  # separates env seeds of different iterations (items per iteration stay below it)
 
@@ -531,4 +538,4 @@ def train(config: RunConfig) -> dict:
     return last_metrics
 
 
-__all__ = ["train", "build_policy", "TrainState", "export_merged_model"]
+__all__ = ["TrainState", "build_policy", "export_merged_model", "train"]

@@ -16,6 +16,19 @@ ACTION_DIM = 7  # [dx, dy, dz, droll, dpitch, dyaw, gripper]; gripper -1 = open,
 PROPRIO_DIM = 8  # [eef_pos (3), eef_axis_angle (3), gripper_qpos (2)]
 
 
+def check_action_chunk(actions) -> np.ndarray:
+    """An env's input check: a chunk [k, 7] with k >= 1 of finite numbers, as float64."""
+    actions = np.asarray(actions, dtype=np.float64)
+    if actions.ndim != 2 or actions.shape[0] < 1 or actions.shape[1] != ACTION_DIM:
+        raise ValueError(
+            f"actions must have shape [k, {ACTION_DIM}] with k >= 1 (a chunk), got {actions.shape}; "
+            f"wrap a single action as actions[None]"
+        )
+    if not np.all(np.isfinite(actions)):
+        raise ValueError("actions contain NaN or inf")
+    return actions
+
+
 @dataclass
 class Observation:
     """What a policy sees. Images are raw camera frames (uint8, HxWx3); the processor applies the env's pipeline."""

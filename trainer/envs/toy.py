@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from trainer.envs.base import ACTION_DIM, PROPRIO_DIM, Observation, StepResult
+from trainer.envs.base import ACTION_DIM, PROPRIO_DIM, Observation, StepResult, check_action_chunk
 
 IMAGE_SIZE = 32
 ARENA_HALF_WIDTH = 1.0
@@ -221,17 +221,7 @@ class ToyReachEnv:
             names = ", ".join(f"{i}={name}" for i, name in enumerate(COLOUR_NAMES))
             raise ValueError(f"task_id {task_id} is out of range: the toy task has {len(COLOUR_NAMES)} ({names})")
 
-    @staticmethod
-    def _check_actions(actions: np.ndarray) -> np.ndarray:
-        actions = np.asarray(actions, dtype=np.float64)
-        if actions.ndim != 2 or actions.shape[0] < 1 or actions.shape[1] != ACTION_DIM:
-            raise ValueError(
-                f"actions must have shape [k, {ACTION_DIM}] with k >= 1 (a chunk), got {actions.shape}; "
-                f"wrap a single action as actions[None]"
-            )
-        if not np.all(np.isfinite(actions)):
-            raise ValueError("actions contain NaN or inf")
-        return actions
+    _check_actions = staticmethod(check_action_chunk)
 
     def _maybe_inject_fault(self) -> None:
         if self.fault_init_state_id is not None and self._init_state_id != self.fault_init_state_id:

@@ -13,9 +13,23 @@ from trainer.models.policy import ActResult, EnvSettings, EvalResult, PolicyInpu
 from trainer.models.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 __all__ = [
-    "PRESETS", "VLAConfig", "preset", "build_model", "load_vla", "manifest", "save_vla", "OpenVLA", "ActResult",
-    "EnvSettings", "EvalResult", "PolicyInputs", "VLAPolicy", "build_tiny_tokenizer", "load_tokenizer",
-    "load_model_and_tokenizer", "save_tiny_checkpoint",
+    "PRESETS",
+    "ActResult",
+    "EnvSettings",
+    "EvalResult",
+    "OpenVLA",
+    "PolicyInputs",
+    "VLAConfig",
+    "VLAPolicy",
+    "build_model",
+    "build_tiny_tokenizer",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "load_vla",
+    "manifest",
+    "preset",
+    "save_tiny_checkpoint",
+    "save_vla",
 ]
 
 

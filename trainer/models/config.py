@@ -92,7 +92,7 @@ class VLAConfig:
         return data
 
     @classmethod
-    def from_json_dict(cls, data: dict) -> "VLAConfig":
+    def from_json_dict(cls, data: dict) -> VLAConfig:
         data = dict(data)
         known = {f for f in cls.__dataclass_fields__}
         extras = data.pop("trainer", None) or {}
@@ -110,13 +110,13 @@ class VLAConfig:
         (Path(directory) / "config.json").write_text(json.dumps(self.to_json_dict(), indent=2))
 
     @classmethod
-    def load(cls, directory: Path) -> "VLAConfig":
+    def load(cls, directory: Path) -> VLAConfig:
         path = Path(directory) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in checkpoint directory {directory}")
         return cls.from_json_dict(json.loads(path.read_text()))
 
-    def as_oft(self, oft: OFTConfig | None = None) -> "VLAConfig":
+    def as_oft(self, oft: OFTConfig | None = None) -> VLAConfig:
         """The same backbone read as OpenVLA-OFT (OFT checkpoints keep openvla-7b's config.json)."""
         config = copy.deepcopy(self)
         config.trainer.family = "oft"

@@ -6,8 +6,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 
 from trainer.models.openvla import OpenVLA
 
@@ -157,5 +157,13 @@ def int8_optimizer(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.9
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=betas)
 
 
-__all__ = ["LoraSettings", "apply_lora", "trainable_breakdown", "format_breakdown", "check_quantization",
-           "quantize_int8", "int8_optimizer", "QUANT_MODES"]
+__all__ = [
+    "QUANT_MODES",
+    "LoraSettings",
+    "apply_lora",
+    "check_quantization",
+    "format_breakdown",
+    "int8_optimizer",
+    "quantize_int8",
+    "trainable_breakdown",
+]

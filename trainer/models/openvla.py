@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 

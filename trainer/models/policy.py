@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from trainer.envs.base import Observation
 from trainer.models.action_tokenizer import ActionTokenizer
@@ -61,17 +61,17 @@ class PolicyInputs:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def to(self, device) -> "PolicyInputs":
+    def to(self, device) -> PolicyInputs:
         return replace(self, images=self.images.to(device), text_ids=self.text_ids.to(device),
                        text_mask=self.text_mask.to(device),
                        proprio=None if self.proprio is None else self.proprio.to(device))
 
-    def select(self, index) -> "PolicyInputs":
+    def select(self, index) -> PolicyInputs:
         return replace(self, images=self.images[index], text_ids=self.text_ids[index],
                        text_mask=self.text_mask[index], proprio=None if self.proprio is None else self.proprio[index])
 
     @staticmethod
-    def collate(parts: list["PolicyInputs"], pad_id: int) -> "PolicyInputs":
+    def collate(parts: list[PolicyInputs], pad_id: int) -> PolicyInputs:
         """Concatenate batches whose prompts were padded to different lengths (re-padded on the left)."""
         width = max(p.text_ids.shape[1] for p in parts)
 
