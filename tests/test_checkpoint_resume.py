@@ -34,19 +34,6 @@ FAST = ["--env.groups_per_iteration", "4", "--rollout.num_generations", "4", "--
 SUBPROCESS_ENV = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_restored_determinism():
-    """One intra-op thread: on a small shared CPU box, torch's spinning worker threads make these tiny runs ~10x
-    slower. train(deterministic=True) switches torch's global flag on; give other tests the state they expect."""
-    threads = torch.get_num_threads()
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 def _config(output_dir: Path, *extra: str):
     return load_config(["--config", CONFIG, "--train.output_dir", str(output_dir), *FAST, *extra])
 

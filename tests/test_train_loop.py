@@ -30,18 +30,6 @@ PER_ITERATION_KEYS = ["iteration", "rollout/success_rate", "eval/greedy_success_
                       "train/loss", "train/grad_norm", "guard/skipped_steps_total", "phase"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_restored_determinism():
-    """One intra-op thread (spinning torch threads make tiny runs ~10x slower on a small shared CPU box)."""
-    threads = torch.get_num_threads()
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 def _config(output_dir: Path, *extra: str):
     return load_config(["--config", CONFIG, "--train.output_dir", str(output_dir), *FAST, *extra])
 
