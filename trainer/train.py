@@ -318,10 +318,15 @@ def update_policy(config: RunConfig, policy: VLAPolicy, model, optimizer, sample
                 if progress is not None:
                     progress.update(1)
             metrics.update(_optimizer_step(config, policy, model, optimizer, dist, state))
-    count = max(totals.pop("_count", 0.0), 1.0)
+    # Global figures: every rank's sums (a rank may have had no samples at all), then the means.
+    merged: dict[str, float] = {}
+    for part in dist.gather_objects([totals]):
+        for key, value in part.items():
+            merged[key] = merged.get(key, 0.0) + value
+    count = max(merged.pop("_count", 0.0), 1.0)
     optimizer_steps = algo.ppo_epochs * algo.num_mini_batches
-    for key, value in totals.items():
-        metrics[f"train/{key}"] = value / (optimizer_steps if key == "loss" else count)
+    for key, value in merged.items():  # each rank's loss is its share of the global mean, times the world size
+        metrics[f"train/{key}"] = value / (optimizer_steps * dist.world_size if key == "loss" else count)
     return metrics
 
 
