@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from trainer import algos
-from trainer.checkpoint import export_merged_model, load_latest_checkpoint, save_checkpoint
+from trainer.checkpoint import load_latest_checkpoint, save_checkpoint
 from trainer.config import RunConfig, dump
 from trainer.dist import Dist
 from trainer.envs import LIBERO_SUITES
@@ -543,4 +543,4 @@ def train(config: RunConfig) -> dict:
     return last_metrics
 
 
-__all__ = ["TrainState", "build_policy", "export_merged_model", "train"]
+__all__ = ["TrainState", "build_policy", "train"]

@@ -45,7 +45,7 @@ def _identity_norm_stats() -> dict:
     return {suite: stats for suite in SUITES if suite != "toy"}
 
 
-def _tiny(name: str, seed: int, device="cpu", benchmark_stats: bool = False, dtype: torch.dtype = torch.float32):
+def _random_model(name: str, seed: int, device="cpu", benchmark_stats: bool = False, dtype: torch.dtype = torch.float32):
     config = preset(name)
     if benchmark_stats:  # random weights for benchmarks: identity bounds under every suite's key
         config.norm_stats = {**(config.norm_stats or {}), **_identity_norm_stats()}
@@ -65,10 +65,10 @@ def load_model_and_tokenizer(source: str, seed: int = 0, dtype: torch.dtype = to
     weights, built directly on `device` — for benchmarks; its tokenizer is a synthetic one of the same vocabulary
     size); or a local checkpoint directory."""
     if source in ("tiny", "tiny-oft"):
-        model, tokenizer = _tiny(source, seed)
+        model, tokenizer = _random_model(source, seed)
         return model.to(device=device, dtype=dtype), tokenizer
     if source.startswith(RANDOM_PREFIX) and source[len(RANDOM_PREFIX):] in PRESETS:
-        model, tokenizer = _tiny(source[len(RANDOM_PREFIX):], seed, device=device, benchmark_stats=True, dtype=dtype)
+        model, tokenizer = _random_model(source[len(RANDOM_PREFIX):], seed, device=device, benchmark_stats=True, dtype=dtype)
         return model.to(dtype=dtype), tokenizer
     if source in PRESETS:
         raise ValueError(
@@ -80,5 +80,5 @@ def load_model_and_tokenizer(source: str, seed: int = 0, dtype: torch.dtype = to
 
 
 def save_tiny_checkpoint(directory: str | Path, name: str = "tiny", seed: int = 0, max_shard_size="7GB") -> Path:
-    model, tokenizer = _tiny(name, seed)
+    model, tokenizer = _random_model(name, seed)
     return save_vla(model, directory, tokenizer=tokenizer, max_shard_size=max_shard_size)
