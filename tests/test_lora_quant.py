@@ -97,3 +97,53 @@ def test_int8_with_a_sharding_backend_is_refused_with_alternatives(backend):
     assert "single_gpu_8bit" in str(error.value) and "ddp_2gpu_8bit" in str(error.value)
     check_quantization("int8", "ddp")
     check_quantization("none", backend)
+
+
+def _autograd_node_names(tensor: torch.Tensor) -> set[str]:
+    names, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("targets", ["llm-linear", "all-linear"])
+def test_int8_checkpointing_keeps_no_int8_autograd_context_and_gives_the_same_gradients(toy_observations, targets):
+    """bitsandbytes keeps an fp16 copy of each int8 matmul's input on its autograd context, out of reach of the
+    non-reentrant checkpoint: the int8 model must be checkpointed so that no int8 matmul node outlives the forward."""
+
+    def int8_policy(checkpointing: bool):
+        model, tokenizer = load_model_and_tokenizer("tiny", seed=0)
+        quantize_int8(model, "cpu")
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        policy = VLAPolicy(apply_lora(model, LoraSettings(rank=4, target_modules=targets)), tokenizer,
+                           EnvSettings("none", False, "toy"))
+        for name, param in policy.named_parameters():  # lora_B starts at zero: give the adapters a non-trivial state
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        return policy.train()
+
+    plain, checkpointed = int8_policy(False), int8_policy(True)
+    assert checkpointed.base_model.reentrant_checkpointing and not plain.base_model.reentrant_checkpointing
+    inputs = plain.prepare(toy_observations)
+    tokens = plain.act(inputs, greedy=True).token_ids
+    losses = {}
+    for name, policy in (("plain", plain), ("checkpointed", checkpointed)):
+        loss = policy.evaluate(inputs, tokens).log_probs.mean()
+        losses[name] = _autograd_node_names(loss)
+        loss.backward()
+    # MatMul8bitLt on a GPU, MatMul8bitFp on the CPU (bitsandbytes picks by device)
+    assert any(n.startswith("MatMul8bit") for n in losses["plain"])  # the check below would see the context
+    assert not any(n.startswith("MatMul8bit") for n in losses["checkpointed"])
+    plain_grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    checkpointed_grads = {n: p.grad for n, p in checkpointed.named_parameters() if p.requires_grad}
+    assert plain_grads.keys() == checkpointed_grads.keys()
+    layer_grads = [n for n in plain_grads if ".language_model.model.layers." in n]
+    assert layer_grads and all(checkpointed_grads[n] is not None for n in checkpointed_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -59,7 +59,6 @@ def _reset_peak():
 def measure_ceiling(device, batches=(1, 16, 64), train_batches=(8, 16), preset_name: str = "openvla-7b") -> dict:
     """Plain transformers / timm models of the preset's shapes (no project code in the timed paths)."""
     import timm
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from trainer.models.config import preset
@@ -102,13 +101,35 @@ def measure_ceiling(device, batches=(1, 16, 64), train_batches=(8, 16), preset_n
             seconds = timed(lambda: [t.forward_features(images) for t in towers])
             out["vision"][batch] = {"seconds": seconds, "images_per_s": batch / seconds}
     del towers
+    out["lora_train"] = measure_lora_ceiling(device, train_batches, preset_name, lm=lm)
+    del lm
+    gc.collect()
+    _reset_peak()
+    return out
+
+
+def measure_lora_ceiling(device, batches=(8, 16), preset_name: str = "openvla-7b", lm=None) -> dict:
+    """A plain transformers Llama of the preset's shape with PEFT LoRA r=32 on all linear layers, gradient
+    checkpointing: forward + backward + AdamW step at OpenVLA's training length (the update's ceiling)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.models.config import preset
+
+    vla_config = preset(preset_name)
+    vocab = vla_config.base_vocab_size
+    if lm is None:
+        config = LlamaConfig(**{k: v for k, v in vla_config.text_config.items() if k != "model_type"})
+        config._attn_implementation = "sdpa"
+        with torch.device(device):
+            lm = LlamaForCausalLM(config).to(torch.bfloat16)
     lm.train()
     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.enable_input_require_grads()
     peft_lm = get_peft_model(lm, LoraConfig(r=32, lora_alpha=16, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in peft_lm.parameters() if p.requires_grad], lr=1e-5)
-    out["lora_train"] = {}
-    for batch in train_batches:
+    out = {}
+    for batch in batches:
         ids = torch.randint(0, vocab, (batch, SEQ_OPENVLA), device=device)
 
         def step():
@@ -119,7 +140,7 @@ def measure_ceiling(device, batches=(1, 16, 64), train_batches=(8, 16), preset_n
 
         _reset_peak()
         seconds = timed(step)
-        out["lora_train"][batch] = {"seconds": seconds, "samples_per_s": batch / seconds, "peak_gb": _peak_gb()}
+        out[batch] = {"seconds": seconds, "samples_per_s": batch / seconds, "peak_gb": _peak_gb()}
     del peft_lm, lm, optimizer
     gc.collect()
     _reset_peak()
@@ -140,7 +161,7 @@ def _observations(batch: int, seed: int = 0):
             for _ in range(batch)]
 
 
-def _policy(preset: str, device, lora: bool = False, int8: bool = False):
+def _policy(preset: str, device, lora: bool = False, int8: bool = False, lora_targets: str = "all-linear"):
     from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
     from trainer.models.lora import LoraSettings, apply_lora, quantize_int8
 
@@ -149,7 +170,7 @@ def _policy(preset: str, device, lora: bool = False, int8: bool = False):
         quantize_int8(model, device)
     if lora:
         model.gradient_checkpointing_enable()
-        model = apply_lora(model, LoraSettings(rank=32, alpha=16))
+        model = apply_lora(model, LoraSettings(rank=32, alpha=16, target_modules=lora_targets))
     policy = VLAPolicy(model, tokenizer, EnvSettings("libero", True, "libero_spatial"), value_head=False)
     return policy.to(device)
 
@@ -193,36 +214,152 @@ def _synthetic_samples(policy, count: int):
     return samples
 
 
-def measure_update(batch: int, int8: bool = False, preset: str = "openvla-7b", steps: int = 3) -> dict:
-    """Samples/s of the real update step (one optimizer step per call) under the launch's backend."""
+def _update_setup(batch: int, int8: bool, preset: str, lora_targets: str):
+    """Policy with LoRA, synthetic samples and the optimizer, prepared by the launch's backend."""
     from trainer.config import RunConfig
     from trainer.dist import Dist
-    from trainer.train import TrainState, build_optimizer, update_policy
+    from trainer.models.lora import check_quantization
+    from trainer.train import build_optimizer
 
     dist = Dist.create()
     config = RunConfig()
     config.algo.micro_batch_size = batch
     config.quant.mode = "int8" if int8 else "none"
     config.quant.optimizer_8bit = int8
-    from trainer.models.lora import check_quantization
-
+    config.lora.target_modules = lora_targets
     check_quantization(config.quant.mode, dist.backend)
-    policy = _policy(preset, dist.device, lora=True, int8=int8)
+    policy = _policy(preset, dist.device, lora=True, int8=int8, lora_targets=lora_targets)
     samples = _synthetic_samples(policy, batch)
     optimizer, scheduler = build_optimizer(config, policy)
     model, optimizer, scheduler = dist.accelerator.prepare(policy, optimizer, scheduler)
+    return config, dist, policy, model, optimizer, samples
+
+
+def measure_update(batch: int, int8: bool = False, preset: str = "openvla-7b", steps: int = 3,
+                   lora_targets: str = "all-linear") -> dict:
+    """Samples/s of the real update step (one optimizer step per call) under the launch's backend."""
+    from trainer.train import TrainState, update_policy
+
+    config, dist, policy, model, optimizer, samples = _update_setup(batch, int8, preset, lora_targets)
     state = TrainState()
     _reset_peak()
     policy.train()
     seconds = timed(lambda: update_policy(config, policy, model, optimizer, samples, dist, 0, False, state),
                     warmup=1, iters=steps)
     result = {"backend": dist.backend + ("+int8" if int8 else ""), "world_size": dist.world_size,
+              "model": preset, "lora_targets": lora_targets,
               "per_gpu_batch": batch, "seconds_per_step": seconds,
               "samples_per_s": batch * dist.world_size / seconds, "peak_gb_per_gpu": _peak_gb(),
               "skipped_steps": state.skipped_steps}
     peaks = dist.gather_objects([_peak_gb()])
     result["peak_gb_per_gpu_all_ranks"] = peaks
     return result if dist.is_main else {}
+
+
+def measure_update_phases(batch: int, int8: bool = False, preset: str = "openvla-7b", steps: int = 3,
+                          lora_targets: str = "all-linear", trace_dir: str | None = None) -> dict:
+    """Where one update step's time goes (one GPU), from CUDA events around the same functions `update_policy`
+    runs (`_micro_batch_loss`, `Dist.backward`, `_optimizer_step`) plus hooks at the towers' and the projector's
+    outputs; then one step under torch.profiler: GPU kernel time by kind, and the GPU's idle share of the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainer.train import TrainState, _micro_batch_loss, _optimizer_step
+
+    config, dist, policy, model, optimizer, samples = _update_setup(batch, int8, preset, lora_targets)
+    base, state, marks = policy.base_model, TrainState(), {}
+    indices = list(range(len(samples)))
+
+    def mark(name: str):
+        marks[name] = Mark()
+
+    def output_hooks(forward_done: str, backward_done: str):
+        def hook(module, args, output):
+            mark(forward_done)
+            if output.requires_grad:  # the gradient reaching this output: everything after it is back-propagated
+                output.register_hook(lambda grad: mark(backward_done))
+        return hook
+
+    handles = [base.vision_backbone.register_forward_hook(output_hooks("towers_forward", "projector_backward")),
+               base.projector.register_forward_hook(output_hooks("projector_forward", "language_model_backward"))]
+
+    def step():
+        marks.clear()
+        mark("start")
+        loss, _ = _micro_batch_loss(config, policy, model, samples, indices, float(len(indices)), False, None)
+        mark("language_model_forward")  # with the action log-softmax and the loss
+        dist.backward(model, loss, sync=True)
+        mark("backward")
+        _optimizer_step(config, policy, model, optimizer, dist, state)
+        mark("optimizer_step")
+
+    policy.train()
+    step()  # warm-up
+    _reset_peak()
+    order = ["start", "towers_forward", "projector_forward", "language_model_forward", "language_model_backward",
+             "projector_backward", "backward", "optimizer_step"]
+    totals: dict[str, float] = {}
+    for _ in range(steps):
+        step()
+        _sync()
+        present = [name for name in order if name in marks]
+        for before, after in zip(present, present[1:]):
+            totals[after] = totals.get(after, 0.0) + marks[before].seconds_to(marks[after]) / steps
+    phases = {name.replace("backward", "backward (with recompute)") if name != "backward" else
+              "towers_backward (with recompute)" if "projector_backward" in totals else
+              "language_model_backward (with recompute)": seconds for name, seconds in totals.items()}
+    peak = _peak_gb()
+    for handle in handles:
+        handle.remove()
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step()
+        _sync()
+        wall = time.perf_counter() - start
+    if trace_dir:
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(trace_dir) / f"update_{preset}_{lora_targets}{'_int8' if int8 else ''}.json"))
+    kernels = kernel_time_by_kind(prof)
+    busy = sum(kernels.values())
+    return {"model": preset, "lora_targets": lora_targets, "int8": int8, "per_gpu_batch": batch,
+            "seconds_per_step": sum(totals.values()),
+            "samples_per_s": batch / sum(totals.values()), "peak_gb": peak, "phases_seconds": phases,
+            "profiled_step": {"wall_seconds": wall, "gpu_busy_seconds": busy, "gpu_idle_share": 1 - busy / wall,
+                              "kernel_seconds_by_kind": kernels},
+            "top_ops": prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)}
+
+
+class Mark:
+    """A point in the GPU's stream (a CUDA event), or in wall-clock time on the CPU."""
+
+    def __init__(self):
+        if torch.cuda.is_available():
+            self.event = torch.cuda.Event(enable_timing=True)
+            self.event.record()
+        else:
+            self.time = time.perf_counter()
+
+    def seconds_to(self, later: "Mark") -> float:
+        if torch.cuda.is_available():
+            return self.event.elapsed_time(later.event) / 1000
+        return later.time - self.time
+
+
+def kernel_time_by_kind(prof) -> dict[str, float]:
+    """Seconds of GPU kernels of a profiled region, by kind (matrix multiplies, attention, the rest)."""
+    import re
+
+    kinds = {"matmul": re.compile(r"gemm|cutlass|xmma|nvjet|cublas|sm\d+_.*(?:mma|tensorop)", re.I),
+             "attention": re.compile(r"flash|fmha|attention|sdpa", re.I),
+             "int8 quantise/dequantise": re.compile(r"int8|quant|igemm", re.I),
+             "optimizer (foreach)": re.compile(r"multi_tensor|foreach|adam", re.I)}
+    out = dict.fromkeys([*kinds, "elementwise / other"], 0.0)
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kind = next((k for k, pattern in kinds.items() if pattern.search(event.name)), "elementwise / other")
+        out[kind] += event.device_time_total / 1e6
+    return out
 
 
 # --- report ----------------------------------------------------------------------------------------------------------
@@ -233,7 +370,7 @@ def ratios(report: dict) -> dict:
     ceiling, out = report.get("ceiling"), {}
     if not ceiling:
         return out
-    rollout = report.get("rollout", {})
+    rollout = report.get("rollout", {}) if "decode7" in ceiling else {}
     for batch, ours in rollout.get("openvla-7b", {}).items():
         lm = ceiling["decode7"][batch]["seconds"]
         vision = ceiling["vision"][batch]["seconds"]
@@ -246,9 +383,10 @@ def ratios(report: dict) -> dict:
                                         "vs_lm_prefill_plus_vision": (lm + vision) / ours["seconds"]}
     for update in report.get("update", []):
         batch = update["per_gpu_batch"]
-        if batch in ceiling["lora_train"]:
+        if batch in ceiling.get("lora_train", {}) and update.get("model", "openvla-7b") == "openvla-7b":
             ceiling_rate = ceiling["lora_train"][batch]["samples_per_s"]
-            out[f"update_{update['backend']}_w{update['world_size']}_b{batch}"] = {
+            targets = "" if update.get("lora_targets", "all-linear") == "all-linear" else f"_{update['lora_targets']}"
+            out[f"update_{update['backend']}_w{update['world_size']}_b{batch}{targets}"] = {
                 "per_gpu_vs_lm_lora": update["samples_per_s"] / update["world_size"] / ceiling_rate}
     return out
 
@@ -258,13 +396,13 @@ def markdown(report: dict) -> str:
     if "ceiling" in report:
         c = report["ceiling"]
         lines += ["| ceiling (plain transformers / timm) | batch | figure |", "|---|---|---|"]
-        for batch, v in c["decode7"].items():
+        for batch, v in c.get("decode7", {}).items():
             lines.append(f"| Llama-7B 7-token greedy decode, KV cache | {batch} | {v['actions_per_s']:.1f} actions/s |")
-        for batch, v in c["prefill_oft"].items():
+        for batch, v in c.get("prefill_oft", {}).items():
             lines.append(f"| Llama-7B prefill, OFT length {SEQ_OFT} | {batch} | {8 * v['samples_per_s']:.1f} actions/s |")
-        for batch, v in c["vision"].items():
+        for batch, v in c.get("vision", {}).items():
             lines.append(f"| DINOv2-L + SigLIP-So400m towers | {batch} | {v['images_per_s']:.1f} images/s |")
-        for batch, v in c["lora_train"].items():
+        for batch, v in c.get("lora_train", {}).items():
             lines.append(f"| Llama-7B LoRA r=32 fwd+bwd+step, len {SEQ_OPENVLA} | {batch} | "
                          f"{v['samples_per_s']:.1f} samples/s, peak {v['peak_gb']:.1f} GB |")
         lines.append("")
@@ -275,11 +413,23 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {preset} | {batch} | {v['actions_per_s']:.1f} | {v['peak_gb']:.1f} |")
         lines.append("")
     if "update" in report:
-        lines += ["| update (update_policy) | GPUs | batch/GPU | samples/s | s/step | peak GB/GPU |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| update (update_policy) | model | LoRA on | GPUs | batch/GPU | samples/s | s/step | peak GB/GPU |",
+                  "|---|---|---|---|---|---|---|---|"]
         for v in report["update"]:
-            lines.append(f"| {v['backend']} | {v['world_size']} | {v['per_gpu_batch']} | {v['samples_per_s']:.1f} | "
+            lines.append(f"| {v['backend']} | {v.get('model', 'openvla-7b')} | {v.get('lora_targets', 'all-linear')} | "
+                         f"{v['world_size']} | {v['per_gpu_batch']} | {v['samples_per_s']:.1f} | "
                          f"{v['seconds_per_step']:.2f} | {max(v['peak_gb_per_gpu_all_ranks']):.1f} |")
+        lines.append("")
+    for v in report.get("phases", []):
+        lines += [f"update phases: {v['model']}, LoRA on {v['lora_targets']}{', int8' if v['int8'] else ''}, "
+                  f"batch {v['per_gpu_batch']}: {v['seconds_per_step']:.3f} s/step, peak {v['peak_gb']:.1f} GB", "",
+                  "| phase | seconds | share |", "|---|---|---|"]
+        lines += [f"| {name} | {sec:.3f} | {sec / v['seconds_per_step']:.2f} |" for name, sec in v["phases_seconds"].items()]
+        profiled = v["profiled_step"]
+        lines += [f"| profiled step: GPU idle share | {profiled['wall_seconds']:.3f} wall | "
+                  f"{profiled['gpu_idle_share']:.2f} |"]
+        lines += [f"| kernels: {kind} | {sec:.3f} | {sec / profiled['wall_seconds']:.2f} |"
+                  for kind, sec in profiled["kernel_seconds_by_kind"].items()]
         lines.append("")
     if report.get("ratios"):
         lines += ["| ratio to ceiling | value |", "|---|---|"]
@@ -306,16 +456,32 @@ def main(args) -> int:
     report["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     report["date"] = datetime.date.today().isoformat()
     parts = set(args.parts.split(","))
+    args.models = args.models or [args.preset]
     result = None
     if "ceiling" in parts:
         report["ceiling"] = measure_ceiling(device, batches=tuple(args.batches), preset_name=args.preset)
     if "rollout" in parts:
         report["rollout"] = measure_rollout(device, batches=tuple(args.batches),
                                             presets=(args.preset, f"{args.preset}-oft".replace("-oft-oft", "-oft")))
+    if "lora_ceiling" in parts:
+        report.setdefault("ceiling", {})["lora_train"] = measure_lora_ceiling(device, (args.update_batch,), args.preset)
+    if "phases" in parts:
+        for model in args.models:
+            for targets in args.lora_targets:
+                report.setdefault("phases", []).append(measure_update_phases(
+                    args.update_batch, int8=args.int8, preset=model, steps=args.steps, lora_targets=targets,
+                    trace_dir=args.trace_dir))
+                gc.collect()
+                _reset_peak()
     if "update" in parts:
-        result = measure_update(args.update_batch, int8=args.int8, steps=args.steps, preset=args.preset)
-        if result:
-            report.setdefault("update", []).append(result)
+        for model in args.models:
+            for targets in args.lora_targets:
+                result = measure_update(args.update_batch, int8=args.int8, steps=args.steps, preset=model,
+                                        lora_targets=targets)
+                if result:
+                    report.setdefault("update", []).append(result)
+                gc.collect()
+                _reset_peak()
     if "update" in parts and not result:
         return 0  # not rank 0: rank 0 writes the report
     report["ratios"] = ratios(report)

@@ -115,12 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=lambda args: __import__("trainer.evaluate", fromlist=["main"]).main(args), takes_rest=False)
 
     bench = sub.add_parser("bench", help="GPU throughput/memory of the full-size model vs a ceiling (random weights)")
-    bench.add_argument("--parts", default="ceiling,rollout,update", help="comma list of ceiling, rollout, update")
+    bench.add_argument("--parts", default="ceiling,rollout,update", help="comma list of ceiling, rollout, update, lora_ceiling, phases (one GPU)")
     bench.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64])
     bench.add_argument("--update-batch", type=int, default=16, help="samples per GPU per update step")
     bench.add_argument("--steps", type=int, default=3)
     bench.add_argument("--int8", action="store_true", help="LLM.int8 base + 8-bit AdamW for the update part")
     bench.add_argument("--preset", default="openvla-7b", help="openvla-7b (full size) or tiny (a CPU smoke run)")
+    bench.add_argument("--models", nargs="*", help="presets for the update / phases parts (default: --preset)")
+    bench.add_argument("--lora-targets", nargs="*", default=["all-linear"], choices=["all-linear", "llm-linear"],
+                       help="LoRA targets for the update / phases parts (each one measured)")
+    bench.add_argument("--trace-dir", help="phases part: also write a chrome trace of the profiled step here")
     bench.add_argument("--out", default="bench/report.json", help="JSON report (merged with an existing one)")
     bench.set_defaults(func=lambda args: __import__("trainer.bench", fromlist=["main"]).main(args), takes_rest=False)
 

@@ -175,17 +175,33 @@ class OpenVLA(nn.Module):
             self.proprio_projector = None
             self.action_head = None
             self.num_action_slots = self.action_dim
+        self.reentrant_checkpointing = False  # set by gradient_checkpointing_enable for an int8 language model
 
     # PEFT's "all-linear" leaves the output layer alone when the model names it.
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.lm_head
 
     def gradient_checkpointing_enable(self) -> None:
+        """Recompute every decoder layer and tower block in the backward instead of keeping its activations.
+
+        Call it after `quantize_int8`. An int8 language model gets the reentrant form: bitsandbytes' MatMul8bitLt
+        keeps an fp16 copy of its input as an attribute of its autograd context (not through save_for_backward),
+        which the non-reentrant checkpoint cannot release, so every layer's inputs would stay alive for the whole
+        forward (measured: docs/benchmarks.md). The reentrant form runs the forward under no_grad: no context at all.
+        """
+        self.reentrant_checkpointing = any(type(m).__name__ == "Linear8bitLt" for m in self.language_model.modules())
+        kwargs = {"use_reentrant": self.reentrant_checkpointing}
         if hasattr(self.language_model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
-            self.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            self.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.vision_backbone.gradient_checkpointing = True
+
+    def _language_model_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The reentrant checkpoint only back-propagates into a layer whose input needs a gradient: with LoRA on the
+        language model alone (nothing trainable before it), the input embeddings must ask for one."""
+        needs_flag = self.reentrant_checkpointing and self.training and torch.is_grad_enabled()
+        return inputs.detach().requires_grad_() if needs_flag and not inputs.requires_grad else inputs
 
     # --- pieces ---------------------------------------------------------------------------------------------------
 
@@ -245,7 +261,7 @@ class OpenVLA(nn.Module):
             parts.append(embed(action_ids))
             n_actions = action_ids.shape[1]
             mask = torch.cat([mask, torch.ones_like(action_ids, dtype=mask.dtype)], dim=1)
-        inputs = torch.cat(parts, dim=1)
+        inputs = self._language_model_inputs(torch.cat(parts, dim=1))
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache() if use_cache else None
         out = self.language_model.model(
@@ -280,7 +296,7 @@ class OpenVLA(nn.Module):
         embed = self.language_model.get_input_embeddings()
         stop = embed(torch.full((batch, 1), self.config.trainer.stop_token_id, device=prefix.device))
         empty_slots = torch.zeros(batch, slots, prefix.shape[-1], dtype=prefix.dtype, device=prefix.device)
-        inputs = torch.cat([prefix, text, empty_slots, stop], dim=1)
+        inputs = self._language_model_inputs(torch.cat([prefix, text, empty_slots, stop], dim=1))
         mask = torch.cat([mask, torch.ones(batch, slots + 1, dtype=mask.dtype, device=mask.device)], dim=1)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)
         # Bidirectional attention over every real token (OFT replaces the causal mask): additive 4-D mask, keys only.
