@@ -5,6 +5,9 @@
 #   bash scripts/bench_gpu.sh multi    # update on 2 GPUs: DDP, FSDP2, ZeRO-3
 #   bash scripts/bench_gpu.sh e2e      # whole RL iterations (rollout + update) with the LIBERO stand-in env, 1 GPU
 #   bash scripts/bench_gpu.sh e2e2     # the same on 2 GPUs with FSDP2, ZeRO-3 and DDP
+#   bash scripts/bench_gpu.sh profile  # where the update's time and memory go: LoRA ceiling, then the update's
+#                                      # phases + profiler summary for OpenVLA / OFT, LoRA on all / LLM linear layers,
+#                                      # bf16 and int8 (writes $OUT/profile.json)
 set -uo pipefail
 OUT=${OUT:-bench}
 mkdir -p "$OUT"
@@ -12,7 +15,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
 report="$OUT/report.json"
-run() { echo "=== $*"; local start=$SECONDS; "$@" 2>&1 | grep -v -E "Warning|warn\(|kernels" | tail -40; echo "=== took $((SECONDS - start)) s"; }
+run() { echo "=== $*"; local start=$SECONDS; "$@" 2>&1 | grep -v -E "Warning|warn\(|kernels" | tail -${TAIL:-40}; echo "=== took $((SECONDS - start)) s"; }
 launch() { local config=$1; shift; run $PY -m accelerate.commands.launch --config_file "$config" --num_processes 2 "$@"; }
 e2e() { local name=$1; shift; run "$@" --train.output_dir "$OUT/e2e_$name"; cp "$OUT/e2e_$name/metrics.jsonl" "$OUT/e2e_${name}.jsonl"; rm -rf "$OUT/e2e_$name"; }
 
@@ -33,6 +36,13 @@ case "${1:-single}" in
     e2e oft_1gpu $PY -m trainer train --config configs/bench_standin_oft.yaml
     e2e int8_1gpu $PY -m trainer train --config configs/bench_standin_oft.yaml --quant.mode int8 \
       --quant.optimizer_8bit true
+    ;;
+  profile)
+    export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+    run timeout ${PROFILE_TIMEOUT:-330} $PY -m trainer bench --parts lora_ceiling,phases --models openvla-7b \
+      openvla-7b-oft --lora-targets all-linear llm-linear --update-batch 16 --out "$OUT/profile.json"
+    run timeout ${PROFILE_TIMEOUT:-330} $PY -m trainer bench --parts phases,update --int8 --lora-targets all-linear \
+      llm-linear --update-batch 16 --out "$OUT/profile.json"
     ;;
   e2e2)
     for backend in fsdp_1node ddp_2gpu deepspeed_zero3; do
