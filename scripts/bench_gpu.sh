@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
 report="$OUT/report.json"
-run() { echo "=== $*"; local start=$SECONDS; "$@" 2>&1 | grep -v -E "Warning|warn\(|kernels" | tail -${TAIL:-40}; echo "=== took $((SECONDS - start)) s"; }
+run() { echo "=== $*"; local start=$SECONDS; "$@" 2>&1 | grep -v -E "Warning|warn\(|kernels-community|USDT|gpuGetDeviceCount" | tail -${TAIL:-40}; echo "=== took $((SECONDS - start)) s"; }
 launch() { local config=$1; shift; run $PY -m accelerate.commands.launch --config_file "$config" --num_processes 2 "$@"; }
 e2e() { local name=$1; shift; run "$@" --train.output_dir "$OUT/e2e_$name"; cp "$OUT/e2e_$name/metrics.jsonl" "$OUT/e2e_${name}.jsonl"; rm -rf "$OUT/e2e_$name"; }
 
