@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark, stage by stage (each stage fits one device call). Writes $OUT (default bench/) report.json,
 # logs and the e2e metrics. Run from the repository root on a GPU host:
-#   bash scripts/bench_gpu.sh single   # ceiling, rollout (OpenVLA + OFT, batch 1/16/64), update bf16 and int8 on GPU 0
+#   bash scripts/bench_gpu.sh single   # ceiling, rollout (OpenVLA + OFT, plain and with LoRA, batch 1/16/64), update
+#                                      # (+ phases) bf16 with LoRA on all / LLM linear layers, OFT phases, int8 update
 #   bash scripts/bench_gpu.sh multi    # update on 2 GPUs: DDP, FSDP2, ZeRO-3
 #   bash scripts/bench_gpu.sh e2e      # whole RL iterations (rollout + update) with the LIBERO stand-in env, 1 GPU
 #   bash scripts/bench_gpu.sh e2e2     # the same on 2 GPUs with FSDP2, ZeRO-3 and DDP
@@ -22,9 +23,11 @@ e2e() { local name=$1; shift; run "$@" --train.output_dir "$OUT/e2e_$name"; cp "
 case "${1:-single}" in
   single)
     export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
-    run $PY -m trainer bench --parts ceiling,rollout --out "$report"
-    run $PY -m trainer bench --parts update --update-batch 16 --out "$report"
-    run $PY -m trainer bench --parts update --update-batch 16 --int8 --out "$report"
+    run timeout 280 $PY -m trainer bench --parts ceiling,rollout --out "$report"
+    run timeout 150 $PY -m trainer bench --parts phases,update --lora-targets all-linear llm-linear --update-batch 16 \
+      --out "$report"
+    run timeout 80 $PY -m trainer bench --parts phases --models openvla-7b-oft --update-batch 16 --out "$report"
+    run timeout 120 $PY -m trainer bench --parts update --update-batch 16 --int8 --out "$report"
     ;;
   multi)
     launch accelerate_configs/ddp_2gpu.yaml -m trainer bench --parts update --update-batch 16 --out "$report"

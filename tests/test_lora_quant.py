@@ -147,3 +147,48 @@ def test_int8_checkpointing_keeps_no_int8_autograd_context_and_gives_the_same_gr
     assert layer_grads and all(checkpointed_grads[n] is not None for n in checkpointed_grads)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fp32_adapters_on_a_bf16_base_compute_in_bf16_with_fp32_gradients(toy_observations):
+    """PEFT's default would cast each adapted layer's input to fp32 (fp32 GEMMs and full-size copies); the policy runs
+    the adapters in the base's dtype under autocast, with fp32 weights and gradients."""
+    from trainer.models.policy import mixed_precision_adapters
+
+    def bf16_policy(mixed: bool):
+        model, tokenizer = load_model_and_tokenizer("tiny", seed=0, dtype=torch.bfloat16)
+        peft_model = apply_lora(model, LoraSettings(rank=4))
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+        policy = VLAPolicy(peft_model, tokenizer, EnvSettings("none", False, "toy"))
+        if not mixed:  # PEFT's own behaviour, for reference
+            policy.adapter_compute_dtype = None
+            for module in peft_model.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = True
+        return policy
+
+    mixed, reference = bf16_policy(True), bf16_policy(False)
+    assert mixed.adapter_compute_dtype == torch.bfloat16
+    lora_params = {n: p for n, p in mixed.named_parameters() if p.requires_grad}
+    assert lora_params and all(p.dtype == torch.float32 for p in lora_params.values())
+    seen = []
+    lora_b = next(m for n, m in mixed.named_modules() if n.endswith("q_proj.lora_B.default"))
+    lora_b.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+
+    inputs = mixed.prepare(toy_observations)
+    acted = mixed.act(inputs, greedy=True)
+    evaluated = mixed.evaluate(inputs, acted.token_ids)
+    assert seen and set(seen) == {torch.bfloat16}
+    # rollout and update see the same function of the weights
+    torch.testing.assert_close(evaluated.log_probs.detach(), acted.log_probs, rtol=0, atol=1e-5)
+    evaluated.log_probs.mean().backward()
+    expected = reference.evaluate(inputs, acted.token_ids)
+    expected.log_probs.mean().backward()
+    torch.testing.assert_close(evaluated.log_probs, expected.log_probs, rtol=0, atol=0.05)
+    for name, param in lora_params.items():
+        want = dict(reference.named_parameters())[name].grad
+        assert param.grad is not None and param.grad.dtype == torch.float32, name
+        cosine = torch.nn.functional.cosine_similarity(param.grad.flatten(), want.flatten(), dim=0)
+        assert cosine > 0.98 or want.abs().max() < 1e-6, (name, float(cosine))
+    assert mixed_precision_adapters(load_model_and_tokenizer("tiny", seed=0)[0], torch.float32) is None

@@ -110,8 +110,14 @@ def measure_ceiling(device, batches=(1, 16, 64), train_batches=(8, 16), preset_n
 
 def measure_lora_ceiling(device, batches=(8, 16), preset_name: str = "openvla-7b", lm=None) -> dict:
     """A plain transformers Llama of the preset's shape with PEFT LoRA r=32 on all linear layers, gradient
-    checkpointing: forward + backward + AdamW step at OpenVLA's training length (the update's ceiling)."""
+    checkpointing: forward + backward + AdamW step at OpenVLA's training length (the update's ceiling).
+
+    Two ways, the faster one is the ceiling: PEFT as it comes (fp32 adapters, inputs cast to fp32), and the same fp32
+    adapters computing in bf16 under autocast (what `VLAPolicy` does)."""
+    from contextlib import nullcontext
+
     from peft import LoraConfig, get_peft_model
+    from peft.helpers import disable_input_dtype_casting
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from trainer.models.config import preset
@@ -131,16 +137,23 @@ def measure_lora_ceiling(device, batches=(8, 16), preset_name: str = "openvla-7b
     out = {}
     for batch in batches:
         ids = torch.randint(0, vocab, (batch, SEQ_OPENVLA), device=device)
+        variants = {}
+        for variant in ("peft_default", "bf16_autocast"):
+            mixed = variant == "bf16_autocast"
 
-        def step():
-            logits = peft_lm(input_ids=ids, use_cache=False, logits_to_keep=8).logits
-            torch.log_softmax(logits[:, :-1, -256:].float(), -1).mean().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            def step():
+                with (torch.autocast(device.type, dtype=torch.bfloat16) if mixed else nullcontext(),
+                      disable_input_dtype_casting(peft_lm, active=mixed)):
+                    logits = peft_lm(input_ids=ids, use_cache=False, logits_to_keep=8).logits
+                torch.log_softmax(logits[:, :-1, -256:].float(), -1).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-        _reset_peak()
-        seconds = timed(step)
-        out[batch] = {"seconds": seconds, "samples_per_s": batch / seconds, "peak_gb": _peak_gb()}
+            _reset_peak()
+            seconds = timed(step)
+            variants[variant] = {"seconds": seconds, "samples_per_s": batch / seconds, "peak_gb": _peak_gb()}
+        best = min(variants.values(), key=lambda v: v["seconds"])
+        out[batch] = {**best, "variants": variants}
     del peft_lm, lm, optimizer
     gc.collect()
     _reset_peak()
@@ -176,10 +189,19 @@ def _policy(preset: str, device, lora: bool = False, int8: bool = False, lora_ta
 
 
 def measure_rollout(device, batches=(1, 16, 64), presets=("openvla-7b", "openvla-7b-oft")) -> dict:
+    """Each preset twice: the plain model, then with LoRA r=32 on all linear layers (the policy as RL rolls it out)."""
+    from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
+    from trainer.models.lora import LoraSettings, apply_lora
+
     out: dict = {}
-    for preset in presets:
-        policy = _policy(preset, device).eval()
-        out[preset] = {}
+    for preset, adapters in ((p, a) for p in presets for a in (False, True)):
+        if not adapters:
+            model, tokenizer = load_model_and_tokenizer(f"random:{preset}", seed=0, dtype=torch.bfloat16, device=device)
+        else:
+            model = apply_lora(model, LoraSettings(rank=32, alpha=16))
+        policy = VLAPolicy(model, tokenizer, EnvSettings("libero", True, "libero_spatial")).to(device).eval()
+        name = preset + ("+lora" if adapters else "")
+        out[name] = {}
         for batch in batches:
             observations = _observations(batch)
             start = time.perf_counter()
@@ -188,10 +210,12 @@ def measure_rollout(device, batches=(1, 16, 64), presets=("openvla-7b", "openvla
             _reset_peak()
             seconds = timed(lambda: policy.act(inputs, greedy=False, temperature=1.0))
             actions = batch * policy.chunk_size
-            out[preset][batch] = {"seconds": seconds, "actions_per_s": actions / seconds,
-                                  "policy_calls_per_s": 1 / seconds, "prepare_seconds_cpu": prepare_seconds,
-                                  "peak_gb": _peak_gb()}
+            out[name][batch] = {"seconds": seconds, "actions_per_s": actions / seconds,
+                                "policy_calls_per_s": 1 / seconds, "prepare_seconds_cpu": prepare_seconds,
+                                "peak_gb": _peak_gb()}
         del policy
+        if adapters:
+            del model
         gc.collect()
         _reset_peak()
     return out
@@ -371,16 +395,17 @@ def ratios(report: dict) -> dict:
     if not ceiling:
         return out
     rollout = report.get("rollout", {}) if "decode7" in ceiling else {}
-    for batch, ours in rollout.get("openvla-7b", {}).items():
-        lm = ceiling["decode7"][batch]["seconds"]
-        vision = ceiling["vision"][batch]["seconds"]
-        out[f"openvla_rollout_b{batch}"] = {"vs_lm_decode": lm / ours["seconds"],
-                                            "vs_lm_decode_plus_vision": (lm + vision) / ours["seconds"]}
-    for batch, ours in rollout.get("openvla-7b-oft", {}).items():
-        lm = ceiling["prefill_oft"][batch]["seconds"]
-        vision = 2 * ceiling["vision"][batch]["seconds"]  # two views per sample
-        out[f"oft_rollout_b{batch}"] = {"vs_lm_prefill": lm / ours["seconds"],
-                                        "vs_lm_prefill_plus_vision": (lm + vision) / ours["seconds"]}
+    for suffix in ("", "+lora"):
+        for batch, ours in rollout.get("openvla-7b" + suffix, {}).items():
+            lm = ceiling["decode7"][batch]["seconds"]
+            vision = ceiling["vision"][batch]["seconds"]
+            out[f"openvla{suffix}_rollout_b{batch}"] = {"vs_lm_decode": lm / ours["seconds"],
+                                                        "vs_lm_decode_plus_vision": (lm + vision) / ours["seconds"]}
+        for batch, ours in rollout.get("openvla-7b-oft" + suffix, {}).items():
+            lm = ceiling["prefill_oft"][batch]["seconds"]
+            vision = 2 * ceiling["vision"][batch]["seconds"]  # two views per sample
+            out[f"oft{suffix}_rollout_b{batch}"] = {"vs_lm_prefill": lm / ours["seconds"],
+                                                    "vs_lm_prefill_plus_vision": (lm + vision) / ours["seconds"]}
     for update in report.get("update", []):
         batch = update["per_gpu_batch"]
         if batch in ceiling.get("lora_train", {}) and update.get("model", "openvla-7b") == "openvla-7b":
@@ -388,6 +413,11 @@ def ratios(report: dict) -> dict:
             targets = "" if update.get("lora_targets", "all-linear") == "all-linear" else f"_{update['lora_targets']}"
             out[f"update_{update['backend']}_w{update['world_size']}_b{batch}{targets}"] = {
                 "per_gpu_vs_lm_lora": update["samples_per_s"] / update["world_size"] / ceiling_rate}
+    for phases in report.get("phases", []):
+        batch = phases["per_gpu_batch"]
+        if batch in ceiling.get("lora_train", {}) and phases["model"] == "openvla-7b":
+            name = f"phases_{phases['lora_targets']}{'_int8' if phases['int8'] else ''}_b{batch}"
+            out[name] = {"vs_lm_lora": phases["samples_per_s"] / ceiling["lora_train"][batch]["samples_per_s"]}
     return out
 
 
@@ -403,8 +433,9 @@ def markdown(report: dict) -> str:
         for batch, v in c.get("vision", {}).items():
             lines.append(f"| DINOv2-L + SigLIP-So400m towers | {batch} | {v['images_per_s']:.1f} images/s |")
         for batch, v in c.get("lora_train", {}).items():
-            lines.append(f"| Llama-7B LoRA r=32 fwd+bwd+step, len {SEQ_OPENVLA} | {batch} | "
-                         f"{v['samples_per_s']:.1f} samples/s, peak {v['peak_gb']:.1f} GB |")
+            for variant, w in v.get("variants", {"best": v}).items():
+                lines.append(f"| Llama-7B LoRA r=32 fwd+bwd+step, len {SEQ_OPENVLA} ({variant}) | {batch} | "
+                             f"{w['samples_per_s']:.1f} samples/s, peak {w['peak_gb']:.1f} GB |")
         lines.append("")
     if "rollout" in report:
         lines += ["| rollout (VLAPolicy.act) | batch | actions/s | peak GB |", "|---|---|---|---|"]

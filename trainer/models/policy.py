@@ -14,6 +14,7 @@ policy's forward. Wrappers only ever see `forward` calls.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -112,6 +113,25 @@ class EnvSettings:
     unnorm_key: str | None = None
 
 
+def mixed_precision_adapters(vla: nn.Module, compute_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype LoRA adapters should compute in, or None to leave them as they are.
+
+    PEFT keeps LoRA weights in fp32 on a bf16 base (so that small optimizer updates are not rounded away) and by
+    default casts every adapted layer's input to fp32 for them: fp32 GEMMs plus full-size fp32 copies, casts and adds
+    around every linear layer, which took about half of the OpenVLA-7B update's GPU time (docs/benchmarks.md).
+    Mixed precision instead: the weights and their gradients stay fp32, the adapters compute in the base's dtype
+    under autocast, and PEFT's input cast is switched off."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in vla.modules() if isinstance(m, BaseTunerLayer)]
+    adapter_dtypes = {p.dtype for layer in layers for name, p in layer.named_parameters() if "lora_" in name}
+    if compute_dtype == torch.float32 or torch.float32 not in adapter_dtypes:
+        return None
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return compute_dtype
+
+
 class VLAPolicy(nn.Module):
     def __init__(self, vla: nn.Module, tokenizer, env: EnvSettings, value_head: bool = False):
         super().__init__()
@@ -129,6 +149,7 @@ class VLAPolicy(nn.Module):
         self.image_pipeline = ImagePipeline(env.image_pipeline, size=self.config.image_size)
         self.value_head = ValueHead(self.config.text_config.get("hidden_size", 4096)) if value_head else None
         self._prompt_cache: dict[str, list[int]] = {}
+        self.adapter_compute_dtype = mixed_precision_adapters(vla, self.compute_dtype)
 
     @property
     def base_model(self) -> OpenVLA:
@@ -140,6 +161,11 @@ class VLAPolicy(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        dtype = self.base_model.projector.fc1.weight.dtype
+        return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16  # int8: bf16
 
     @property
     def chunk_size(self) -> int:
@@ -176,12 +202,12 @@ class VLAPolicy(nn.Module):
 
     def forward(self, inputs: PolicyInputs | None = None, **kwargs) -> VLAOutput:
         if inputs is not None:
-            dtype = self.base_model.projector.fc1.weight.dtype
-            if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                dtype = torch.bfloat16  # int8 weights: compute in bf16
-            kwargs.update(pixel_values=pixel_values(inputs.images, dtype), text_ids=inputs.text_ids,
+            kwargs.update(pixel_values=pixel_values(inputs.images, self.compute_dtype), text_ids=inputs.text_ids,
                           text_mask=inputs.text_mask, proprio=inputs.proprio)
-        out = self.vla(**kwargs)
+        adapters_in_base_dtype = (torch.autocast(self.device.type, dtype=self.adapter_compute_dtype)
+                                  if self.adapter_compute_dtype is not None else nullcontext())
+        with adapters_in_base_dtype:
+            out = self.vla(**kwargs)
         if self.value_head is not None and out.value_hidden is not None:
             out.values = self.value_head(out.value_hidden)
         return out
