@@ -36,9 +36,9 @@ case "${1:-single}" in
     ;;
   e2e)
     export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
-    e2e oft_1gpu $PY -m trainer train --config configs/bench_standin_oft.yaml
-    e2e int8_1gpu $PY -m trainer train --config configs/bench_standin_oft.yaml --quant.mode int8 \
-      --quant.optimizer_8bit true
+    e2e oft_1gpu timeout ${E2E_TIMEOUT:-200} $PY -m trainer train --config configs/bench_standin_oft.yaml
+    e2e int8_1gpu timeout ${E2E_TIMEOUT:-200} $PY -m trainer train --config configs/bench_standin_oft.yaml \
+      --quant.mode int8 --quant.optimizer_8bit true
     ;;
   profile)
     export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}

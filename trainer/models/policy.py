@@ -204,13 +204,18 @@ class VLAPolicy(nn.Module):
         if inputs is not None:
             kwargs.update(pixel_values=pixel_values(inputs.images, self.compute_dtype), text_ids=inputs.text_ids,
                           text_mask=inputs.text_mask, proprio=inputs.proprio)
-        adapters_in_base_dtype = (torch.autocast(self.device.type, dtype=self.adapter_compute_dtype)
-                                  if self.adapter_compute_dtype is not None else nullcontext())
-        with adapters_in_base_dtype:
+        with self.adapters_in_base_dtype():
             out = self.vla(**kwargs)
         if self.value_head is not None and out.value_hidden is not None:
             out.values = self.value_head(out.value_hidden)
         return out
+
+    def adapters_in_base_dtype(self):
+        """Autocast for fp32 adapters on a bf16 base (see `mixed_precision_adapters`). Nested around a whole `act`,
+        autocast's cache casts each adapter weight once for the prefill and all decoding steps, not once per step."""
+        if self.adapter_compute_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.adapter_compute_dtype)
 
     # --- acting -----------------------------------------------------------------------------------------------------
 
@@ -239,7 +244,8 @@ class VLAPolicy(nn.Module):
         was_training = self.training
         self.eval()  # no dropout, and the KV cache stays on (transformers drops it under gradient checkpointing)
         try:
-            return self._act(inputs, greedy, temperature, model or self, use_l1_head, generator)
+            with self.adapters_in_base_dtype():
+                return self._act(inputs, greedy, temperature, model or self, use_l1_head, generator)
         finally:
             self.train(was_training)
 
