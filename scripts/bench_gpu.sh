@@ -30,6 +30,8 @@ case "${1:-single}" in
     run timeout 120 $PY -m trainer bench --parts update --update-batch 16 --int8 --out "$report"
     ;;
   multi)
+    # the 1-GPU reference for the scaling factor, on the same host
+    CUDA_VISIBLE_DEVICES=0 run timeout 120 $PY -m trainer bench --parts update --update-batch 16 --out "$report"
     launch accelerate_configs/ddp_2gpu.yaml -m trainer bench --parts update --update-batch 16 --out "$report"
     launch accelerate_configs/fsdp_1node.yaml -m trainer bench --parts update --update-batch 16 --out "$report"
     launch accelerate_configs/deepspeed_zero3.yaml -m trainer bench --parts update --update-batch 16 --out "$report"
@@ -48,7 +50,7 @@ case "${1:-single}" in
       llm-linear --update-batch 16 --out "$OUT/profile.json"
     ;;
   e2e2)
-    for backend in fsdp_1node ddp_2gpu deepspeed_zero3; do
+    for backend in ${BACKENDS:-fsdp_1node ddp_2gpu deepspeed_zero3}; do
       iterations=2; [[ $backend == deepspeed_zero3 ]] && iterations=1  # its update is ~20x slower (see docs)
       e2e "${backend}_2gpu" timeout ${E2E_TIMEOUT:-200} $PY -m accelerate.commands.launch --config_file \
         accelerate_configs/$backend.yaml --num_processes 2 -m trainer train --config configs/bench_standin_oft.yaml \
