@@ -79,6 +79,10 @@ class RolloutConfig:
     temperature: float = 1.0
     video_episodes: int = 0
     """Record this many rollout episodes per evaluation as mp4 (0: none)."""
+    merge_lora: bool = False
+    """Fold the LoRA adapters into the base weights for each rollout and evaluation (faster acting: no adapter GEMMs
+    per decoding step), then restore the base weights bit for bit. Costs a copy of every adapted weight while merged.
+    Single-process and DDP runs only (ignored, with a notice, under FSDP / DeepSpeed); a no-op on an int8 base."""
 
 
 @dataclass

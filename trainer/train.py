@@ -21,6 +21,7 @@ import os
 import random
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,6 +199,24 @@ def iteration_items(config: RunConfig, counts: list[int], iteration: int) -> lis
     groups = sample_groups(counts, min(config.env.groups_per_iteration, sum(counts)),
                            iteration_seed(config.train.seed, iteration))
     return build_work_items(groups, config.rollout.num_generations)
+
+
+# --- 2. rollout ------------------------------------------------------------------------------------------------------
+
+
+def merges_lora_for_rollout(config: RunConfig, dist: Dist) -> bool:
+    """Whether rollouts and evaluations act with LoRA merged into the base weights (rollout.merge_lora).
+
+    Only where every rank holds its parameters whole: one process or DDP. FSDP flattens and shards them, and
+    DeepSpeed's engine owns them (ZeRO-3 partitions them; ZeRO-2 is left out as well, untried), so merging in place
+    there would write into shards, not weights."""
+    return config.rollout.merge_lora and dist.backend in ("single", "ddp")
+
+
+def rollout_weights(config: RunConfig, policy: VLAPolicy, dist: Dist):
+    """Context for a rollout or evaluation: the adapters merged for its duration (restored bit for bit on exit, see
+    VLAPolicy.merged_adapters) when merges_lora_for_rollout, else the model as it is."""
+    return policy.merged_adapters() if merges_lora_for_rollout(config, dist) else nullcontext()
 
 
 # --- 3. advantages ---------------------------------------------------------------------------------------------------
@@ -417,7 +436,8 @@ def evaluate_policy(config: RunConfig, policy, model, pool, dist: Dist, counts: 
     items = protocol_items([t for t, n in enumerate(counts) if n], config.train.eval_episodes_per_task, counts)
     metrics = {}
     for greedy in (True, False):
-        with dist.gathered_for_rollout(model):  # FSDP / ZeRO-3: weights gathered once, not per forward
+        # FSDP / ZeRO-3: weights gathered once, not per forward; LoRA merged if rollout.merge_lora
+        with dist.gathered_for_rollout(model), rollout_weights(config, policy, dist):
             report = evaluate(policy, pool, items, dist, greedy=greedy, temperature=config.rollout.temperature,
                               seed=config.train.seed + 1 + iteration, model=model,
                               use_l1_head=config.model.use_l1_head_for_eval, stop=stop)
@@ -440,6 +460,8 @@ def train(config: RunConfig) -> dict:
     optimizer, scheduler = build_optimizer(config, policy)
     # The scheduler is not prepared: it steps once per iteration, whatever the backend and world size (see Dist.prepare).
     model, optimizer = dist.prepare(policy, optimizer, max_grad_norm=config.optim.max_grad_norm)
+    if config.rollout.merge_lora and not merges_lora_for_rollout(config, dist):
+        logger.print(f"rollout.merge_lora is ignored with the {dist.backend} backend (single process or DDP only)")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the logged peak is training's, not the model build's
     state = TrainState()
@@ -478,8 +500,9 @@ def train(config: RunConfig) -> dict:
             # 1-2. rollout on this rank's share of the items
             items = shard_work_items(iteration_items(config, counts, iteration), dist.rank, dist.world_size)
             policy.eval()
-            with logger.progress(f"rollout {iteration + 1}", total=len(items)) as bar, \
-                    dist.gathered_for_rollout(model):  # FSDP / ZeRO-3: weights gathered once for the whole rollout
+            with (logger.progress(f"rollout {iteration + 1}", total=len(items)) as bar,
+                  dist.gathered_for_rollout(model),  # FSDP / ZeRO-3: weights gathered once for the whole rollout
+                  rollout_weights(config, policy, dist)):  # LoRA merged into the base (rollout.merge_lora)
                 episodes, rollout_stats = collect_episodes(
                     policy, pool, items, greedy_probability=phase.epsilon, temperature=config.rollout.temperature,
                     run_seed=config.train.seed, rank=dist.rank, episode_offset=iteration * EPISODE_SEED_STRIDE,
