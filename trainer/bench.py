@@ -345,12 +345,16 @@ def measure_update_phases(batch: int, int8: bool = False, preset: str = "openvla
         prof.export_chrome_trace(str(Path(trace_dir) / f"update_{preset}_{lora_targets}{'_int8' if int8 else ''}.json"))
     kernels = kernel_time_by_kind(prof)
     busy = sum(kernels.values())
+    if not dist.is_main:
+        return {}
     return {"model": preset, "lora_targets": lora_targets, "int8": int8, "per_gpu_batch": batch,
             "seconds_per_step": sum(totals.values()),
             "samples_per_s": batch / sum(totals.values()), "peak_gb": peak, "phases_seconds": phases,
             "profiled_step": {"wall_seconds": wall, "gpu_busy_seconds": busy, "gpu_idle_share": 1 - busy / wall,
                               "kernel_seconds_by_kind": kernels},
-            "top_ops": prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)}
+            "backend": dist.backend, "world_size": dist.world_size,
+            "top_ops": prof.key_averages().table(sort_by="self_device_time_total", row_limit=25),
+            "top_cpu_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)}
 
 
 class Mark:
@@ -453,6 +457,7 @@ def markdown(report: dict) -> str:
         lines.append("")
     for v in report.get("phases", []):
         lines += [f"update phases: {v['model']}, LoRA on {v['lora_targets']}{', int8' if v['int8'] else ''}, "
+                  f"{v.get('backend', 'single')} x{v.get('world_size', 1)}, "
                   f"batch {v['per_gpu_batch']}: {v['seconds_per_step']:.3f} s/step, peak {v['peak_gb']:.1f} GB", "",
                   "| phase | seconds | share |", "|---|---|---|"]
         lines += [f"| {name} | {sec:.3f} | {sec / v['seconds_per_step']:.2f} |" for name, sec in v["phases_seconds"].items()]
@@ -499,9 +504,10 @@ def main(args) -> int:
     if "phases" in parts:
         for model in args.models:
             for targets in args.lora_targets:
-                report.setdefault("phases", []).append(measure_update_phases(
-                    args.update_batch, int8=args.int8, preset=model, steps=args.steps, lora_targets=targets,
-                    trace_dir=args.trace_dir))
+                result = measure_update_phases(args.update_batch, int8=args.int8, preset=model, steps=args.steps,
+                                               lora_targets=targets, trace_dir=args.trace_dir)
+                if result:
+                    report.setdefault("phases", []).append(result)
                 gc.collect()
                 _reset_peak()
     if "update" in parts:
@@ -513,7 +519,7 @@ def main(args) -> int:
                     report.setdefault("update", []).append(result)
                 gc.collect()
                 _reset_peak()
-    if "update" in parts and not result:
+    if ("update" in parts or "phases" in parts) and not result:
         return 0  # not rank 0: rank 0 writes the report
     report["ratios"] = ratios(report)
     path.parent.mkdir(parents=True, exist_ok=True)
