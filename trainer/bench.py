@@ -189,18 +189,21 @@ def _policy(preset: str, device, lora: bool = False, int8: bool = False, lora_ta
 
 
 def measure_rollout(device, batches=(1, 16, 64), presets=("openvla-7b", "openvla-7b-oft")) -> dict:
-    """Each preset twice: the plain model, then with LoRA r=32 on all linear layers (the policy as RL rolls it out)."""
+    """Each preset three ways: the plain model; with LoRA r=32 on all linear layers (the policy as RL rolls it out);
+    and the same adapters folded into the weights for the rollout (`rollout.merge_lora`, `VLAPolicy.merged_adapters`)."""
+    from contextlib import nullcontext
+
     from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
     from trainer.models.lora import LoraSettings, apply_lora
 
     out: dict = {}
-    for preset, adapters in ((p, a) for p in presets for a in (False, True)):
-        if not adapters:
+    for preset, variant in ((p, v) for p in presets for v in ("", "+lora", "+lora merged")):
+        if variant == "":
             model, tokenizer = load_model_and_tokenizer(f"random:{preset}", seed=0, dtype=torch.bfloat16, device=device)
-        else:
+        elif variant == "+lora":
             model = apply_lora(model, LoraSettings(rank=32, alpha=16))
         policy = VLAPolicy(model, tokenizer, EnvSettings("libero", True, "libero_spatial")).to(device).eval()
-        name = preset + ("+lora" if adapters else "")
+        name = preset + variant
         out[name] = {}
         for batch in batches:
             observations = _observations(batch)
@@ -208,13 +211,14 @@ def measure_rollout(device, batches=(1, 16, 64), presets=("openvla-7b", "openvla
             inputs = policy.prepare(observations)
             prepare_seconds = time.perf_counter() - start
             _reset_peak()
-            seconds = timed(lambda: policy.act(inputs, greedy=False, temperature=1.0))
+            with policy.merged_adapters() if variant == "+lora merged" else nullcontext():
+                seconds = timed(lambda: policy.act(inputs, greedy=False, temperature=1.0))
             actions = batch * policy.chunk_size
             out[name][batch] = {"seconds": seconds, "actions_per_s": actions / seconds,
                                 "policy_calls_per_s": 1 / seconds, "prepare_seconds_cpu": prepare_seconds,
                                 "peak_gb": _peak_gb()}
         del policy
-        if adapters:
+        if variant == "+lora merged":
             del model
         gc.collect()
         _reset_peak()
@@ -399,7 +403,7 @@ def ratios(report: dict) -> dict:
     if not ceiling:
         return out
     rollout = report.get("rollout", {}) if "decode7" in ceiling else {}
-    for suffix in ("", "+lora"):
+    for suffix in ("", "+lora", "+lora merged"):
         for batch, ours in rollout.get("openvla-7b" + suffix, {}).items():
             lm = ceiling["decode7"][batch]["seconds"]
             vision = ceiling["vision"][batch]["seconds"]
