@@ -208,6 +208,12 @@ def assert_complete(episode: Episode, policy: VLAPolicy, max_steps: int) -> None
         assert episode.rewards == [0.0] * n and episode.reward == 0.0
         assert episode.length == max_steps
     assert n == math.ceil(episode.length / policy.chunk_size)  # open-loop chunks: one policy step per chunk
+    # tokens are trained on only for executed actions: all of every chunk but maybe the last, which the end cuts
+    masks = torch.stack(episode.token_masks)
+    assert masks.shape == (n, tokens) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert (masks[:-1] == 1).all()
+    executed_last = episode.length - (n - 1) * policy.chunk_size
+    assert masks[-1].tolist() == [1.0] * (7 * executed_last) + [0.0] * (tokens - 7 * executed_last)
 
 
 def assert_batching(spy: SpyPool, pspy: PolicySpy, stats, policy: VLAPolicy) -> None:

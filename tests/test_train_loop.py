@@ -268,3 +268,55 @@ def test_phases_bc_warmup_then_handover_with_decreasing_epsilon_then_rl(tmp_path
     assert {c[1] for c in calls if c[0] == "ppo"} == {1, 2, 3} and not any(c[2] for c in calls if c[0] == "ppo")
     for i in (2, 3, 4):
         assert "train/bc_loss" not in lines[i] and "train/approx_kl" in lines[i]
+
+
+def test_tokens_of_actions_the_env_never_executed_do_not_reach_the_loss(toy_observations):
+    """An OFT chunk cut short by the end of an episode: the tokens of its unexecuted actions get no loss and no
+    gradient, and the token mean is over executed tokens only."""
+    from trainer.config import RunConfig
+    from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
+    from trainer.models.lora import LoraSettings, apply_lora
+    from trainer.rollout import executed_token_mask
+    from trainer.train import Samples, _micro_batch_loss
+
+    model, tokenizer = load_model_and_tokenizer("tiny-oft", seed=0)
+    policy = VLAPolicy(apply_lora(model, LoraSettings(rank=4)), tokenizer, EnvSettings("none", False, "toy"))
+    inputs = policy.prepare(toy_observations[:2])
+    acted = policy.act(inputs, generator=torch.Generator().manual_seed(0))
+    masks = [executed_token_mask(56, 7, 8), executed_token_mask(56, 7, 3)]  # the second chunk ran 3 of 8 actions
+    assert masks[1].tolist() == [1.0] * 21 + [0.0] * 35
+
+    def samples_with(unexecuted_log_prob: float) -> Samples:
+        samples = Samples()
+        generator = torch.Generator().manual_seed(1)
+        for i in range(2):
+            old = acted.log_probs[i] + 0.1 * torch.randn(56, generator=generator)
+            samples.inputs.append(inputs.select([i]))
+            samples.token_ids.append(acted.token_ids[i])
+            samples.old_log_probs.append(torch.where(masks[i].bool(), old, torch.tensor(unexecuted_log_prob)))
+            samples.token_masks.append(masks[i])
+            samples.advantages.append([1.0, -0.5][i])
+            samples.returns.append(0.0)
+            samples.old_values.append(0.0)
+        return samples
+
+    config = RunConfig()
+    executed = float(sum(m.sum() for m in masks))
+    results = []
+    for unexecuted in (-3.0, -50.0):  # only the unexecuted tokens' rollout log-probs differ
+        policy.zero_grad()
+        loss, parts = _micro_batch_loss(config, policy, policy, samples_with(unexecuted), [0, 1], 2.0, executed,
+                                        False, None)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), parts["approx_kl"], grads))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert all(torch.equal(results[0][2][n], results[1][2][n]) for n in results[0][2])
+    # the value: the PPO token mean over the 77 executed tokens
+    evaluated = policy.evaluate(inputs, acted.token_ids)
+    samples = samples_with(-3.0)
+    expected, _ = trainer.algos.ppo_clip_loss(
+        evaluated.log_probs, torch.stack(samples.old_log_probs), torch.tensor(samples.advantages), torch.stack(masks),
+        epsilon=config.algo.epsilon, epsilon_high=config.algo.epsilon_high, log_ratio_clamp=config.algo.log_ratio_clamp,
+        advantage_clamp=config.algo.advantage_clamp, num_tokens_global=executed)
+    torch.testing.assert_close(results[0][0], expected.detach())

@@ -236,6 +236,7 @@ def _synthetic_samples(policy, count: int):
         samples.inputs.append(inputs)
         samples.token_ids.append(result.token_ids[0].cpu())
         samples.old_log_probs.append(result.log_probs[0].cpu())
+        samples.token_masks.append(torch.ones_like(result.log_probs[0].cpu()))  # every action executed
         samples.advantages.append(float(torch.randn(1, generator=generator)))
         samples.returns.append(0.0)
         samples.old_values.append(0.0)
@@ -313,7 +314,8 @@ def measure_update_phases(batch: int, int8: bool = False, preset: str = "openvla
     def step():
         marks.clear()
         mark("start")
-        loss, _ = _micro_batch_loss(config, policy, model, samples, indices, float(len(indices)), False, None)
+        loss, _ = _micro_batch_loss(config, policy, model, samples, indices, float(len(indices)),
+                                    float(sum(samples.token_masks[i].sum() for i in indices)), False, None)
         mark("language_model_forward")  # with the action log-softmax and the loss
         dist.backward(model, loss, sync=True)
         mark("backward")

@@ -30,6 +30,9 @@ class Episode:
     inputs: list[PolicyInputs] = field(default_factory=list)  # one entry per policy step (batch of 1)
     token_ids: list[torch.Tensor] = field(default_factory=list)  # [n_tokens] per policy step
     log_probs: list[torch.Tensor] = field(default_factory=list)
+    # [n_tokens] per policy step: 1 for the tokens of actions the env executed. An OFT chunk cut short by the end of
+    # the episode leaves its later actions unexecuted; their tokens had no effect and are not trained on.
+    token_masks: list[torch.Tensor] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)  # per policy step: 1.0 on the step that succeeded
     greedy: list[bool] = field(default_factory=list)
@@ -100,6 +103,7 @@ def collect_episodes(
     """
     started = time.perf_counter()
     stats = RolloutStats()
+    tokens_per_action = policy.config.trainer.action_dim
     generator = generator or torch.Generator().manual_seed(run_seed)
     record_video_items = record_video_items or set()
     episodes = [Episode(item=item, seed=0) for item in items]
@@ -177,6 +181,8 @@ def collect_episodes(
                 episode.inputs.append(inputs.select([i]))
                 episode.token_ids.append(result.token_ids[i].cpu())
                 episode.log_probs.append(result.log_probs[i].cpu())
+                episode.token_masks.append(executed_token_mask(result.token_ids.shape[1], tokens_per_action,
+                                                               step.steps_executed))
                 episode.values.append(float(result.values[i]) if result.values is not None else 0.0)
                 episode.rewards.append(float(step.reward))
                 episode.greedy.append(bool(greedy[i]))
@@ -192,6 +198,11 @@ def collect_episodes(
             start_episodes(ended)
     stats.wall_seconds = time.perf_counter() - started
     return episodes, stats
+
+
+def executed_token_mask(num_tokens: int, tokens_per_action: int, actions_executed: int) -> torch.Tensor:
+    """1.0 for the tokens of the first `actions_executed` actions of a chunk (tokens are laid out action by action)."""
+    return (torch.arange(num_tokens) < actions_executed * tokens_per_action).float()
 
 
 def success_rate(episodes: list[Episode]) -> float:

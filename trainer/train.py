@@ -229,6 +229,7 @@ class Samples:
     inputs: list[PolicyInputs] = field(default_factory=list)
     token_ids: list[torch.Tensor] = field(default_factory=list)
     old_log_probs: list[torch.Tensor] = field(default_factory=list)
+    token_masks: list[torch.Tensor] = field(default_factory=list)  # 1 for tokens of executed actions (Episode)
     advantages: list[float] = field(default_factory=list)
     returns: list[float] = field(default_factory=list)
     old_values: list[float] = field(default_factory=list)
@@ -241,6 +242,7 @@ class Samples:
             self.inputs.append(episode.inputs[t])
             self.token_ids.append(episode.token_ids[t])
             self.old_log_probs.append(episode.log_probs[t])
+            self.token_masks.append(episode.token_masks[t])
             self.advantages.append(float(advantages[t]))
             self.returns.append(float(returns[t]) if returns is not None else 0.0)
             self.old_values.append(episode.values[t])
@@ -321,13 +323,14 @@ def update_policy(config: RunConfig, policy: VLAPolicy, model, optimizer, sample
             mini_global = dist.sum(len(mini_batch))
             if mini_global == 0:
                 continue
+            tokens_global = dist.sum(sum(float(samples.token_masks[i].sum()) for i in mini_batch))
             count = dist.agreed_micro_batches(len(mini_batch), algo.micro_batch_size)
             for step_index in range(count):
                 indices = mini_batch[step_index * algo.micro_batch_size:(step_index + 1) * algo.micro_batch_size]
                 sync = step_index == count - 1
                 with dist.no_sync(model, sync):  # gradients are reduced once, in the last micro-batch's backward
                     loss, parts = _micro_batch_loss(config, policy, model, samples, indices, mini_global / dist.world_size,
-                                                    bc_phase, any_inputs)
+                                                    tokens_global / dist.world_size, bc_phase, any_inputs)
                     dist.backward(model, loss * (1.0 if indices else 0.0), sync=sync)
                 if indices:
                     totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
@@ -350,18 +353,19 @@ def update_policy(config: RunConfig, policy: VLAPolicy, model, optimizer, sample
 
 
 def _micro_batch_loss(config: RunConfig, policy: VLAPolicy, model, samples: Samples, indices: list[int],
-                      sequences_denominator: float, bc_phase: bool, any_inputs) -> tuple[torch.Tensor, dict]:
-    """The loss of one micro-batch (an empty one is a zero-weight dummy that keeps collectives in step)."""
+                      sequences_denominator: float, tokens_denominator: float, bc_phase: bool,
+                      any_inputs) -> tuple[torch.Tensor, dict]:
+    """The loss of one micro-batch (an empty one is a zero-weight dummy that keeps collectives in step). The
+    denominators are the mini-batch's global sequence and executed-token counts over the world size."""
     algo = config.algo
     if indices:
         inputs = PolicyInputs.collate([samples.inputs[i] for i in indices], policy.config.pad_token_id)
         token_ids = torch.stack([samples.token_ids[i] for i in indices])
     else:
         inputs, token_ids = _dummy_batch(policy, any_inputs)
-    tokens_denominator = sequences_denominator * policy.base_model.num_action_slots
     evaluated = policy.evaluate(inputs, token_ids, temperature=config.rollout.temperature, model=model)
     targets = _targets(samples, indices, evaluated)
-    mask = torch.ones_like(evaluated.log_probs)
+    mask = targets["token_mask"]
     if bc_phase:
         local_ids = policy.action_tokenizer.token_ids_to_local(token_ids.to(evaluated.logits.device))
         return algos.behaviour_cloning_loss(evaluated.logits, local_ids, mask, num_tokens_global=tokens_denominator)
@@ -370,7 +374,7 @@ def _micro_batch_loss(config: RunConfig, policy: VLAPolicy, model, samples: Samp
         epsilon_high=algo.epsilon_high, log_ratio_clamp=algo.log_ratio_clamp, advantage_clamp=algo.advantage_clamp,
         loss_type=algo.loss_type, **({"num_tokens_global": tokens_denominator} if algo.loss_type == "token_mean"
                                      else {"num_sequences_global": sequences_denominator}))
-    parts["entropy"] = evaluated.entropy.detach().mean()
+    parts["entropy"] = algos.masked_mean(evaluated.entropy.detach(), mask)
     if algo.entropy_coef > 0:
         entropy, _ = algos.entropy_bonus(evaluated.entropy, mask, num_tokens_global=tokens_denominator)
         loss = loss - algo.entropy_coef * entropy
@@ -397,9 +401,10 @@ def _targets(samples: Samples, indices: list[int], evaluated) -> dict[str, torch
     if not indices:
         zeros = torch.zeros(evaluated.log_probs.shape[0], device=device)
         return {"old_log_probs": evaluated.log_probs.detach(), "advantages": zeros, "returns": zeros,
-                "old_values": zeros}
+                "old_values": zeros, "token_mask": torch.ones_like(evaluated.log_probs)}
     return {
         "old_log_probs": torch.stack([samples.old_log_probs[i] for i in indices]).to(device),
+        "token_mask": torch.stack([samples.token_masks[i] for i in indices]).to(device),
         "advantages": torch.tensor([samples.advantages[i] for i in indices], device=device),
         "returns": torch.tensor([samples.returns[i] for i in indices], device=device),
         "old_values": torch.tensor([samples.old_values[i] for i in indices], device=device),

@@ -60,6 +60,7 @@ def fixed_samples(policy) -> Samples:
         samples.token_ids.append(policy.action_tokenizer.local_to_token_ids(local))
         samples.old_log_probs.append(-5.55 + 0.3 * torch.randn(policy.base_model.num_action_slots,
                                                               generator=generator))
+        samples.token_masks.append(torch.ones(policy.base_model.num_action_slots))
         samples.advantages.append(float(rng.normal()))
         samples.returns.append(0.0)
         samples.old_values.append(0.0)
@@ -70,7 +71,7 @@ def rank_slice(samples: Samples, split: list[int], rank: int) -> Samples:
     """The rank's contiguous share of the global batch: `split` gives each rank's sample count."""
     start = sum(split[:rank])
     out = Samples()
-    for name in ("inputs", "token_ids", "old_log_probs", "advantages", "returns", "old_values"):
+    for name in ("inputs", "token_ids", "old_log_probs", "token_masks", "advantages", "returns", "old_values"):
         setattr(out, name, getattr(samples, name)[start:start + split[rank]])
     return out
 
