@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from trainer.envs.seeding import derive_seed, iteration_seed
+from trainer.envs.seeding import derive_seed, iteration_seed, sampling_seed
 from trainer.envs.sharding import (
     WorkItem,
     all_groups,
@@ -111,6 +111,9 @@ def test_derive_seed_gives_different_seeds_for_different_streams():
     assert derive_seed(0, 1, 2, 0) != derive_seed(0, 2, 1, 0)
     assert {iteration_seed(0, i) for i in range(100)}.isdisjoint(set(seeds))
     assert iteration_seed(0, 5) == iteration_seed(0, 5) != iteration_seed(1, 5)
+    # a rollout's default sampling stream differs per rank and per rollout, and from the other streams
+    sampling = {sampling_seed(0, rank, offset) for rank in range(4) for offset in (0, 1000, 2000)}
+    assert len(sampling) == 12 and sampling.isdisjoint(set(seeds))
 
 
 def test_derive_seed_rejects_negative_or_non_integer_inputs():

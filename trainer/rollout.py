@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from trainer.envs.pool import EnvPool, ResetRequest
-from trainer.envs.seeding import derive_seed
+from trainer.envs.seeding import derive_seed, sampling_seed
 from trainer.envs.sharding import WorkItem
 from trainer.models.policy import PolicyInputs, VLAPolicy
 
@@ -104,7 +104,8 @@ def collect_episodes(
     started = time.perf_counter()
     stats = RolloutStats()
     tokens_per_action = policy.config.trainer.action_dim
-    generator = generator or torch.Generator().manual_seed(run_seed)
+    # Each rank draws its own actions (train and evaluation pass their own generator; this is the default).
+    generator = generator or torch.Generator().manual_seed(sampling_seed(run_seed, rank, episode_offset))
     record_video_items = record_video_items or set()
     episodes = [Episode(item=item, seed=0) for item in items]
     pending = deque(range(len(items)))

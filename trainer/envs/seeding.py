@@ -12,6 +12,7 @@ import numpy as np
 
 _EPISODE_STREAM = 0
 _ITERATION_STREAM = 1
+_SAMPLING_STREAM = 2
 
 
 def _check_seed_inputs(**values: int) -> None:
@@ -35,3 +36,9 @@ def iteration_seed(run_seed: int, iteration: int) -> int:
     """Seed in [0, 2**32) shared by all ranks for one iteration (e.g. to choose which init states to train on)."""
     _check_seed_inputs(run_seed=run_seed, iteration=iteration)
     return _seed_from_path(run_seed, (_ITERATION_STREAM, iteration))
+
+
+def sampling_seed(run_seed: int, rank: int, episode_offset: int) -> int:
+    """Seed in [0, 2**32) for a rank's action sampling in a rollout whose episodes start at `episode_offset`."""
+    _check_seed_inputs(run_seed=run_seed, rank=rank, episode_offset=episode_offset)
+    return _seed_from_path(run_seed, (_SAMPLING_STREAM, rank, episode_offset))
