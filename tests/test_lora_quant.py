@@ -192,3 +192,18 @@ def test_fp32_adapters_on_a_bf16_base_compute_in_bf16_with_fp32_gradients(toy_ob
         cosine = torch.nn.functional.cosine_similarity(param.grad.flatten(), want.flatten(), dim=0)
         assert cosine > 0.98 or want.abs().max() < 1e-6, (name, float(cosine))
     assert mixed_precision_adapters(load_model_and_tokenizer("tiny", seed=0)[0], torch.float32) is None
+
+
+def test_the_value_head_stays_fp32_when_acting_with_bf16_adapters(toy_observations):
+    model, tokenizer = load_model_and_tokenizer("tiny", seed=0, dtype=torch.bfloat16)
+    policy = VLAPolicy(apply_lora(model, LoraSettings(rank=4)), tokenizer, EnvSettings("none", False, "toy"),
+                       value_head=True)
+    policy.value_head.to(torch.float32)
+    torch.nn.init.normal_(policy.value_head.net[-1].weight, std=0.1, generator=torch.Generator().manual_seed(0))
+    seen = []
+    policy.value_head.net[1].register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    inputs = policy.prepare(toy_observations)
+    acted = policy.act(inputs, greedy=True)
+    evaluated = policy.evaluate(inputs, acted.token_ids)
+    assert seen == [torch.float32, torch.float32]  # the rollout's values and the update's come from the same fp32 head
+    torch.testing.assert_close(acted.values, evaluated.values.detach(), rtol=0, atol=1e-6)

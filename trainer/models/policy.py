@@ -216,7 +216,8 @@ class VLAPolicy(nn.Module):
         with self.adapters_in_base_dtype():
             out = self.vla(**kwargs)
         if self.value_head is not None and out.value_hidden is not None:
-            out.values = self.value_head(out.value_hidden)
+            with torch.autocast(self.device.type, enabled=False):  # fp32 critic, also inside an act's autocast
+                out.values = self.value_head(out.value_hidden)
         return out
 
     def adapters_in_base_dtype(self):
