@@ -28,13 +28,6 @@ SUBPROCESS_ENV = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELIS
 TOY_INSTRUCTIONS = ["move to the red target", "move to the green target", "move to the blue target"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _cli(*argv: str) -> int:
     with pytest.raises(SystemExit) as caught:

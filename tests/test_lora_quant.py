@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import randomize_lora_b
 from torch import nn
 
 from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
@@ -123,9 +124,7 @@ def test_int8_checkpointing_keeps_no_int8_autograd_context_and_gives_the_same_gr
             model.gradient_checkpointing_enable()
         policy = VLAPolicy(apply_lora(model, LoraSettings(rank=4, target_modules=targets)), tokenizer,
                            EnvSettings("none", False, "toy"))
-        for name, param in policy.named_parameters():  # lora_B starts at zero: give the adapters a non-trivial state
-            if "lora_B" in name:
-                torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        randomize_lora_b(policy, std=0.02)
         return policy.train()
 
     plain, checkpointed = int8_policy(False), int8_policy(True)
@@ -157,9 +156,7 @@ def test_fp32_adapters_on_a_bf16_base_compute_in_bf16_with_fp32_gradients(toy_ob
     def bf16_policy(mixed: bool):
         model, tokenizer = load_model_and_tokenizer("tiny", seed=0, dtype=torch.bfloat16)
         peft_model = apply_lora(model, LoraSettings(rank=4))
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+        randomize_lora_b(peft_model, std=0.05)
         policy = VLAPolicy(peft_model, tokenizer, EnvSettings("none", False, "toy"))
         if not mixed:  # PEFT's own behaviour, for reference
             policy.adapter_compute_dtype = None

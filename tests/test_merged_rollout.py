@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import randomize_lora_b
 
 import trainer.train
 from trainer.config import load_config
@@ -16,13 +17,6 @@ from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
 from trainer.models.lora import LoraSettings, apply_lora, quantize_int8
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def randomize_lora_b(module: torch.nn.Module, std: float = 0.05) -> None:
-    """lora_B starts at zero (the adapters would add nothing): give them a non-trivial state."""
-    for name, param in module.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=std, generator=torch.Generator().manual_seed(len(name)))
 
 
 def lora_policy(name="tiny", dtype=torch.float32, int8=False, tie_lm_head=False, **settings) -> VLAPolicy:

@@ -42,15 +42,6 @@ NEVER_SUCCEEDS = {"success_radius": 1e-3}  # the agent cannot get this close by 
 _POLICIES: dict[str, VLAPolicy] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model is too small to gain from intra-op threads, and on a busy 2-core machine two threads that wait
-    for each other make it ~10x slower (scripts/measure_rollout_costs.py). Restored for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_policy(name: str) -> VLAPolicy:
     """The tiny policy with a value head whose output layer is randomised (it starts at zero), so values mean something.

@@ -47,14 +47,6 @@ LIBERO_TEST_NORM_STATS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny policy gains nothing from intra-op threads; the two CPU cores are the simulators' (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_libero_policy():
     from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
