@@ -9,6 +9,8 @@
 #   bash scripts/bench_gpu.sh profile  # where the update's time and memory go: LoRA ceiling, then the update's
 #                                      # phases + profiler summary for OpenVLA / OFT, LoRA on all / LLM linear layers,
 #                                      # bf16 and int8 (writes $OUT/profile.json)
+#   bash scripts/bench_gpu.sh followup # 2-GPU host: rollout with merged LoRA vs the ceiling, FSDP2's update phases,
+#                                      # FSDP2 with decoder-layer shard units only, 1-GPU e2e with merged-LoRA rollouts
 set -uo pipefail
 OUT=${OUT:-bench}
 mkdir -p "$OUT"
@@ -48,6 +50,17 @@ case "${1:-single}" in
       openvla-7b-oft --lora-targets all-linear llm-linear --update-batch 16 --out "$OUT/profile.json"
     run timeout ${PROFILE_TIMEOUT:-330} $PY -m trainer bench --parts phases,update --int8 --lora-targets all-linear \
       llm-linear --update-batch 16 --out "$OUT/profile.json"
+    ;;
+  followup)
+    CUDA_VISIBLE_DEVICES=0 run timeout 190 $PY -m trainer bench --parts ceiling,rollout --batches 16 64 \
+      --out "$OUT/rollout_merged.json"
+    run timeout 100 $PY -m accelerate.commands.launch --config_file accelerate_configs/fsdp_1node.yaml \
+      --num_processes 2 -m trainer bench --parts phases --out "$OUT/fsdp2_phases.json"
+    run timeout 80 $PY -m accelerate.commands.launch --config_file accelerate_configs/fsdp_1node.yaml \
+      --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer --num_processes 2 -m trainer bench --parts update \
+      --out "$OUT/fsdp2_llm_units.json"
+    CUDA_VISIBLE_DEVICES=0 e2e oft_1gpu_merged timeout 150 $PY -m trainer train --config configs/bench_standin_oft.yaml \
+      --rollout.merge_lora true
     ;;
   e2e2)
     for backend in ${BACKENDS:-fsdp_1node ddp_2gpu deepspeed_zero3}; do
