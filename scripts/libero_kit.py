@@ -193,7 +193,7 @@ def discover(suite: str, camera_size: int = 64) -> dict:
     def audit(event: str, args) -> None:
         if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
             path = os.fsdecode(args[0])
-            if os.path.isfile(path):
+            if os.path.isfile(path) and not path.endswith((".py", ".pyc")):  # code is copied whole anyway
                 labelled = label_path(path, trees)
                 if labelled:
                     opened.add(labelled)
@@ -278,6 +278,8 @@ def code_files(trees: dict[str, Path], suite: str) -> list[str]:
                     continue  # the link to the asset packages; the kit links its own
                 if parts[:2] in (["libero", "bddl_files"], ["libero", "init_files"]) and parts[2:3] != [suite]:
                     continue
+                if parts[:2] == ["libero", "init_files"] and relative.endswith(".init"):
+                    continue  # the unpruned states: the benchmark reads the .pruned_init files
             files.append(f"{label}:{relative}")
     return files
 
