@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,6 +80,9 @@ def dump(args) -> int:
             if result.done:
                 break
         render = describe_render_device()
+        if args.hold_s > 0:  # keep the GL context alive, e.g. for nvidia-smi to see this process on its GPU
+            print(json.dumps({"holding": os.getpid(), "render": render}), flush=True)
+            time.sleep(args.hold_s)
     finally:
         env.close()
     info = {"suite": args.suite, "task": args.task, "init_state": args.init_state, "seed": args.seed,
@@ -149,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     dump_parser.add_argument("--camera-size", type=int, default=256)
     dump_parser.add_argument("--backend", choices=["egl", "osmesa"], default=None)
     dump_parser.add_argument("--out", required=True)
+    dump_parser.add_argument("--hold-s", type=float, default=0.0, help="stay alive this long after rendering")
     compare_parser = commands.add_parser("compare")
     compare_parser.add_argument("a")
     compare_parser.add_argument("b")
