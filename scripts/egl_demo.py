@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 FRAMES_SCRIPT = REPO_ROOT / "scripts" / "libero_frames.py"
 NVIDIA_SMI_PROCESS = re.compile(r"^\|\s+(\d+)\s+\S+\s+\S+\s+(\d+)\s+(\S+)\s+(.*?)\s+(\d+)MiB\s*\|")

@@ -37,9 +37,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-import numpy as np  # noqa: E402
-
-from measure_rollout_costs import Table, timed  # noqa: E402
+import numpy as np
+from measure_rollout_costs import Table, timed
 
 CHUNK = 8  # OpenVLA-OFT's action chunk
 
