@@ -407,8 +407,8 @@ def pack(args) -> int:
         (kit_root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        log(f"compressing {len(files)} files ({sum(installed.values()) / 2**20:.1f} MiB) with xz -9")
-        with tarfile.open(out, "w:xz", preset=9) as archive:
+        log(f"compressing {len(files)} files ({sum(installed.values()) / 2**20:.1f} MiB) with xz -{args.xz_preset}")
+        with tarfile.open(out, "w:xz", preset=args.xz_preset) as archive:
             archive.add(kit_root, arcname="libero_kit")
     print_size_table(manifest, out.stat().st_size)
     return 0
@@ -513,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                              help="more packages to carry, at the versions installed here (e.g. numba scipy)")
     pack_parser.add_argument("--discovery", help="reuse (if it exists) or save the recorded file list here")
     pack_parser.add_argument("--report-parts", action="store_true", help="also xz each part alone for the report")
+    pack_parser.add_argument("--xz-preset", type=int, default=9, help="0 (fast, large) .. 9 (slow, small; default)")
 
     discover_parser = commands.add_parser("discover", help="record the files a suite's simulators read (JSON)")
     discover_parser.add_argument("--suite", required=True)

