@@ -16,6 +16,10 @@ lose only the episode whose simulator failed (DESIGN invariant 6). So this pool 
   groups; each worker also watches its parent and exits when it is gone (parent SIGKILLed, SIGTERMed, crashed), and it
   ignores SIGINT and lives in its own process group, so a Ctrl-C reaches only the parent, which then closes the pool.
 - Time spent inside env.reset/env.step is measured in the worker and accumulated per worker (`stats`).
+- A hang counts like a crash wherever it happens, rendering included (an EGL driver deadlock at the first reset,
+  RLinf#892): the worker is killed at the call's deadline and replaced. A worker that hangs while building its env
+  gets one more try before the pool gives up. How each worker renders is in `render_notes`; a fallback from EGL to
+  OSMesa is logged once per pool.
 
 Caveat of "spawn": each worker re-imports the parent's main script (not when it runs as `python -m package`, which
 is how the trainer is launched), so a script that starts a pool needs an `if __name__ == "__main__":` guard, and
@@ -518,7 +522,8 @@ class EnvPool:
     @property
     def render_notes(self) -> list[dict | None]:
         """Per worker, as it reported when its env was built: MUJOCO_GL, MUJOCO_EGL_DEVICE_ID and why it fell back
-        from EGL to OSMesa (None if it did not; all None for envs that do not render with MuJoCo)."""
+        from EGL to OSMesa (fallback_reason None if it did not). Envs that do not render with MuJoCo report whatever
+        their process's environment holds."""
         return [worker.render for worker in self._workers]
 
     def _report_render_fallback(self, worker: _Worker) -> None:
