@@ -87,6 +87,7 @@ pinned() {  # run "$@" on the given CPU cores when taskset exists (its children,
   if command -v taskset > /dev/null; then taskset -c "$cores" "$@"; else "$@"; fi
 }
 ITERATIONS=${ITERATIONS:-3}
+E2E_ARGS=${E2E_ARGS:-}  # more trainer arguments for the LIBERO e2e / multinode stages (e.g. a tiny model for a CPU check)
 
 for stage in "${@:-single}"; do
 case "$stage" in
@@ -141,7 +142,8 @@ case "$stage" in
     libero_setup || continue
     # pools on 16 cores, as on the 1-GPU host; the single-simulator figures in a process of their own per backend
     TAIL=60 run pinned 0-15 timeout ${COSTS_TIMEOUT:-330} $PY scripts/measure_libero_costs.py --suite $LIBERO_SUITE \
-      --backends egl,osmesa --pool-workers ${POOL_SIZES:-8,16,24} --json "$OUT/libero_costs.json"
+      --backends egl,osmesa --pool-workers ${POOL_SIZES:-8,16,24} --repeats ${COSTS_REPEATS:-20} \
+      --json "$OUT/libero_costs.json"
     TAIL=30 run timeout ${DEMO_TIMEOUT:-210} $PY scripts/egl_demo.py --out "$OUT/egl_demo.json" \
       --reference .libero_kit/osmesa_reference_${LIBERO_SUITE}.npz
     ;;
@@ -149,9 +151,9 @@ case "$stage" in
     libero_setup || continue
     half=$(( $(nproc) / 2 ))
     (CUDA_VISIBLE_DEVICES=0 e2e libero_oft_1gpu pinned 0-$((half - 1)) timeout ${E2E_TIMEOUT:-520} $PY -m trainer train \
-       --config configs/bench_libero_oft.yaml --train.iterations $ITERATIONS) > "$OUT/e2e_libero_oft_1gpu.log" 2>&1 &
+       --config configs/bench_libero_oft.yaml --train.iterations $ITERATIONS $E2E_ARGS) > "$OUT/e2e_libero_oft_1gpu.log" 2>&1 &
     (CUDA_VISIBLE_DEVICES=1 e2e libero_openvla_1gpu pinned $half-$(( 2 * half - 1 )) timeout ${E2E_TIMEOUT:-520} $PY -m \
-       trainer train --config configs/bench_libero_openvla.yaml) > "$OUT/e2e_libero_openvla_1gpu.log" 2>&1 &
+       trainer train --config configs/bench_libero_openvla.yaml $E2E_ARGS) > "$OUT/e2e_libero_openvla_1gpu.log" 2>&1 &
     wait
     for name in libero_oft_1gpu libero_openvla_1gpu; do tail -15 "$OUT/e2e_$name.log"; e2e_summary $name; done
     ;;
@@ -159,7 +161,7 @@ case "$stage" in
     libero_setup || continue
     e2e libero_oft_fsdp2_2gpu timeout ${E2E_TIMEOUT:-540} $PY -m accelerate.commands.launch --config_file \
       accelerate_configs/fsdp_1node.yaml --num_processes 2 -m trainer train --config configs/bench_libero_oft.yaml \
-      --env.groups_per_iteration 8 --train.iterations $ITERATIONS
+      --env.groups_per_iteration 8 --train.iterations $ITERATIONS $E2E_ARGS
     e2e_summary libero_oft_fsdp2_2gpu
     ;;
   multinode)
@@ -167,7 +169,8 @@ case "$stage" in
     # whole iterations of full-size OFT with real LIBERO workers, FSDP2 over two one-GPU "nodes" on NCCL
     TAIL=25 run timeout ${MULTINODE_TIMEOUT:-520} $PY scripts/multinode_emulation.py --out-dir /tmp/multinode \
       --gpus 0,1 --accelerate-config accelerate_configs/fsdp_multinode.yaml --python $PY --start-wait-s 330 \
-      --exit-wait-s 150 -- --train.iterations 50 --env.num_workers 8 --env.groups_per_iteration 2 --env.max_steps 16
+      --exit-wait-s 150 -- --train.iterations 50 --env.num_workers 8 --env.groups_per_iteration 2 --env.max_steps 16 \
+      $E2E_ARGS
     for f in multinode.json node0.log node1.log; do cp /tmp/multinode/$f "$OUT/multinode_$f" 2>/dev/null; done
     ;;
   *) echo "unknown stage $stage" ;;

@@ -292,6 +292,7 @@ def download_wheels(names: list[str], python_version: str, wheel_dir: Path) -> l
     from importlib.metadata import version
 
     pins = [f"{name}=={version(name)}" for name in names]
+    wheel_dir = wheel_dir / f"cp{python_version.replace('.', '')}"  # one folder per target: no other Python's builds
     wheel_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                "--python-version", python_version, "--implementation", "cp", "-d", str(wheel_dir)]

@@ -41,7 +41,8 @@ fi
 ls .gl/*.deb > /dev/null 2>&1 || (cd .gl && apt-get "${apt_options[@]}" download -qq libvulkan1 libegl1 libglvnd0 \
   libopengl0 libgl1 libglx0 libgles2)
 if ! ls .osmesa/*.deb > /dev/null 2>&1; then
-  (cd .osmesa && apt-get "${apt_options[@]}" download -qq libosmesa6 libglapi-mesa libllvm15 libedit2 libffi8 libtinfo6)
+  (cd .osmesa && apt-get "${apt_options[@]}" download -qq libosmesa6 libglapi-mesa libllvm15 libedit2 libbsd0 libmd0 \
+    libffi8 libtinfo6)
 fi
 
 if [[ ! -f .osmesa/stubs/libz3.so.4 || ! -f .osmesa/stubs/libxml2.so.2 ]]; then

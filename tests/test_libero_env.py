@@ -319,6 +319,8 @@ class TestLiberoSuites:
 
     def test_init_states_equal_libero_own_loader(self):
         import torch
+
+        libero_setup.ensure_libero_ready()  # before importing libero.libero (else it prompts when run on its own)
         from libero.libero import benchmark
 
         from trainer.envs.libero import LiberoEnv
