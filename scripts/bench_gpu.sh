@@ -43,8 +43,11 @@ libero_setup() {  # GL loaders, the LIBERO kit, and OSMesa when carried; idempot
     export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
   fi
   [[ -f "$LIBERO_KIT" ]] || { echo "SUMMARY libero_setup: FAILED: no kit at $LIBERO_KIT (carry .libero_kit)"; return 1; }
-  eval "$($PY scripts/libero_kit.py install "$LIBERO_KIT" --target /tmp/libero_kit --quiet)"
-  export PYTHONPATH="$PWD:$PYTHONPATH"
+  local exports
+  exports=$($PY scripts/libero_kit.py install "$LIBERO_KIT" --target /tmp/libero_kit --quiet) || {
+    echo "SUMMARY libero_setup: FAILED: the kit $LIBERO_KIT did not install (see above)"; return 1; }
+  eval "$exports"
+  export PYTHONPATH="$PWD:${PYTHONPATH:-}"
   local osmesa="absent"
   if ls .osmesa/*.deb > /dev/null 2>&1; then
     rm -rf /tmp/osmesa && mkdir -p /tmp/osmesa/root /tmp/osmesa/lib
