@@ -170,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     report["node0_interesting_lines"] = [line for line in node0_log if INTERESTING.search(line)][-30:]
     report["names_missing_rank"] = any(re.search(r"rank\s*1\b|node\s*1\b", line, re.IGNORECASE)
                                        for line in report["node0_interesting_lines"])
-    (args.out_dir / "multinode.json").write_text(json.dumps(report, indent=1))
     if "error" in report:
         summary = f"FAILED before the kill: {report['error']}"
     elif report["node0_exited"]:
@@ -180,8 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         summary = (f"{report['iterations_before_kill']} iteration(s) on 2 nodes; node 1 killed; node 0 did NOT exit "
                    f"within {args.exit_wait_s:.0f} s (killed by this script)")
-    message = report["node0_interesting_lines"][-1] if report["node0_interesting_lines"] else "(nothing)"
-    print(f"SUMMARY multinode: {summary}; names the missing rank: {report['names_missing_rank']}; last message: "
+    # the trainer's own error (rank-prefixed by torchrun) says more than torchrun's closing ChildFailedError lines
+    trainer_errors = [line for line in report["node0_interesting_lines"]
+                      if line.startswith("[rank") and re.search(r"Error|rank\s*1\b|missing|timed?\s*out", line)]
+    message = (trainer_errors or report["node0_interesting_lines"] or ["(nothing)"])[-1]
+    report["node0_message"] = message
+    (args.out_dir / "multinode.json").write_text(json.dumps(report, indent=1))
+    print(f"SUMMARY multinode: {summary}; names the missing rank: {report['names_missing_rank']}; node 0's error: "
           f"{message[:300]}", flush=True)
     return 0
 
