@@ -236,14 +236,15 @@ def test_no_worker_outlives_a_parent_that_is_interrupted_or_killed(tmp_path, sig
 
 
 def test_a_worker_hung_inside_rendering_is_killed_and_replaced():
-    # Worker 1's renders take 5 s: its reset (deadline 60 s) passes, its step's render outlasts the 1 s step deadline.
+    # Worker 1's renders take 10 s: its reset (deadline 60 s) passes, its step's render outlasts the 3 s step deadline.
+    # (Generous margins: a loaded CI machine may take a second to schedule a healthy worker.)
     with EnvPool("libero_standin", 2, {"render_seconds": 0.0, "step_seconds": 0.0, "success_per_step": 0.0},
-                 per_worker_env_kwargs={1: {"render_seconds": 5.0}}, reset_timeout_s=60, step_timeout_s=1.0) as pool:
+                 per_worker_env_kwargs={1: {"render_seconds": 10.0}}, reset_timeout_s=60, step_timeout_s=3.0) as pool:
         first_pids = pool.worker_pids
         assert all(reply.ok for reply in pool.reset({i: ResetRequest(0, i, seed=i) for i in range(2)}).values())
         replies = pool.step({0: STAY, 1: STAY})
         assert replies[0].ok and replies[0].result.steps_executed == 1
-        assert replies[1].result is None and "no reply to step within 1 s (hung)" in replies[1].env_error
+        assert replies[1].result is None and "no reply to step within 3 s (hung)" in replies[1].env_error
         assert wait_until_gone([first_pids[1]]) == []  # killed, not left rendering
         assert pool.worker_pids[0] == first_pids[0] and pool.worker_pids[1] != first_pids[1]
         assert [w.env_errors for w in pool.stats.workers] == [0, 1] and [w.restarts for w in pool.stats.workers] == [0, 1]
@@ -259,11 +260,11 @@ def test_a_hang_in_every_first_reset_ends_with_the_systematic_error():
     # deadline and the worker replaced; the episode on it fails, the other worker's does not; a hang that comes back
     # in every replacement stops the run with a clear error instead of retrying forever.
     with EnvPool("libero_standin", 2, {"render_seconds": 0.0, "step_seconds": 0.0},
-                 per_worker_env_kwargs={1: {"render_seconds": 3600.0}}, reset_timeout_s=1.0,
+                 per_worker_env_kwargs={1: {"render_seconds": 3600.0}}, reset_timeout_s=3.0,
                  max_consecutive_failures=2) as pool:
         replies = pool.reset({i: ResetRequest(0, i, seed=i) for i in range(2)})
         assert replies[0].ok and replies[0].observation.primary_image.shape == (256, 256, 3)
-        assert "no reply to reset within 1 s (hung)" in replies[1].env_error
+        assert "no reply to reset within 3 s (hung)" in replies[1].env_error
         assert pool.step({0: STAY})[0].ok  # worker 0 goes on
         with pytest.raises(RuntimeError, match=r"env workers \[1\] failed 2 times in a row"):
             pool.reset({1: ResetRequest(0, 1, seed=1)})
@@ -273,9 +274,9 @@ def test_a_hang_in_every_first_reset_ends_with_the_systematic_error():
 
 def test_a_worker_that_hangs_while_building_its_env_gets_one_more_try(caplog):
     with caplog.at_level("WARNING", logger="trainer.envs.pool"), pytest.raises(
-        RuntimeError, match=r"1 of 2 'toy' env workers failed to start(.|\n)*worker 1: did not build its env within 1 s"
+        RuntimeError, match=r"1 of 2 'toy' env workers failed to start(.|\n)*worker 1: did not build its env within 10 s"
     ):
-        EnvPool("toy", 2, per_worker_env_kwargs={1: {"init_delay_s": 3600.0}}, start_timeout_s=1.0)
+        EnvPool("toy", 2, per_worker_env_kwargs={1: {"init_delay_s": 3600.0}}, start_timeout_s=10.0)
     retries = [r.getMessage() for r in caplog.records if "failed and is being replaced" in r.getMessage()]
     assert len(retries) == 1 and retries[0].startswith("env worker 1 ") and "did not build its env" in retries[0]
 
