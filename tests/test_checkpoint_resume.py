@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.checkpoint import CHECKPOINTS, LATEST, latest_checkpoint, load_checkpoint, save_checkpoint
-from trainer.config import load_config
+from trainer.train import load_config
 from trainer.dist import Dist
 from trainer.logging import read_metrics
 

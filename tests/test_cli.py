@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from trainer.checkpoint import latest_checkpoint, load_checkpoint
 from trainer.cli import main
-from trainer.config import load_config
+from trainer.train import load_config
 from trainer.dist import Dist
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import torch
 from helpers import randomize_lora_b
 
 import trainer.train
-from trainer.config import load_config
+from trainer.train import load_config
 from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
 from trainer.models.lora import LoraSettings, apply_lora, quantize_int8
 

@@ -78,7 +78,10 @@ class EvalOptions:
 
 @dataclass
 class EvalConfig(train.RunConfig):
+    """The `eval` command: the run config (model, LoRA, env, rollout.temperature) and the command's own options."""
+
     eval: EvalOptions = field(default_factory=EvalOptions)
+    """Trials, mode, outputs, and the run directory to evaluate."""
 
 
 # Without a run directory: a released checkpoint on the LIBERO protocol (no adapters), 4 env workers per rank.

@@ -180,6 +180,8 @@ def load(config_class, args: list[str], defaults: dict | None = None):
                 Path(path).write_text(yaml.safe_dump(tree))
         try:
             config = draccus.parse(config_class=config_class, config_path=path, args=overrides, exit_on_error=False)
+        except draccus.utils.DecodingError as error:  # an option of no section, or a value of the wrong type
+            raise ConfigError(f"invalid config: {error}") from error
         except draccus.ParsingError as error:  # a section that validates itself on construction refused its values
             section = _section_named(config_class, str(error))
             raise ConfigError(f"invalid config:\n  - {section}{error.__cause__ or error}") from error

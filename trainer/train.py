@@ -139,7 +139,9 @@ class AlgoConfig:
     micro_batch_size: int = 64
     """Policy steps per forward/backward; a mini-batch's gradients accumulate over its micro-batches."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """GRPO's own options (read when name is "grpo")."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO's own options (read when name is "ppo")."""
     phases: PhaseSchedule = field(default_factory=PhaseSchedule)
     """Behaviour-cloning warm-up and epsilon-greedy hand-over before RL (algos/phases.py)."""
 
@@ -214,16 +216,28 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    """Everything a run reads; each section is defined (and documented) by the module that uses it."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Which model and how it runs (build.py)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (models/lora.py)."""
     quant: QuantConfig = field(default_factory=QuantConfig)
+    """int8 base and 8-bit optimizer (build.py)."""
     env: EnvConfig = field(default_factory=EnvConfig)
+    """Benchmark, tasks, env workers (build.py)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Episode collection (this recipe)."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """The RL algorithm (this recipe)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, schedule, gradient guard (engine.py)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop, outputs, evaluation and checkpoint cadence (this recipe)."""
     dist: DistConfig = field(default_factory=DistConfig)
+    """Collective timeout and the watch on peer ranks (dist.py)."""
     log: LogConfig = field(default_factory=LogConfig)
+    """Console, wandb, plots (logging.py)."""
 
     def problems(self) -> list[str]:
         """Checks across sections (each section checks its own values)."""

@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from trainer.config import RunConfig
+
 from trainer.envs.base import Observation
 from trainer.train import Samples
 
