@@ -1,8 +1,9 @@
 """Distributed execution on CPU with gloo: every backend with 2 processes, against one process with the same batch.
 
 Each backend runs tests/dist_scripts/backend_check.py once (launched lazily, cached for the module): a fixed global
-batch of 8 policy steps through `update_policy`, a NaN injected into ONE rank's gradients, a checkpoint round trip,
-and rollouts under `Dist.gathered_for_rollout`; every rank reports JSON, which the tests below assert on.
+batch of 8 policy steps through `Learner.update` with the recipe's objective on the backend's engine, a NaN injected
+into ONE rank's gradients, a checkpoint round trip, and rollouts under `Engine.rollout_weights`; every rank reports
+JSON, which the tests below assert on.
 
     ddp               accelerate launch --config_file accelerate_configs/cpu_2proc.yaml   samples per rank 5 / 3
     fsdp              torchrun + TRAINER_ACCELERATE_CONFIG=accelerate_configs/fsdp_1node.yaml        8 / 0
@@ -282,8 +283,8 @@ def test_checkpoint_saves_and_loads_back_exactly(runs, backend):
     files = set(reports[0]["checkpoint"]["files"])
     assert {"adapter_model.safetensors", "adapter_config.json", "scheduler.pt", "trainer_state.json",
             "rng-rank0.json", "rng-rank1.json"} <= files
-    if backend in SHARDED:  # gathered, keyed by name, no pickle
-        assert {"optimizer.safetensors", "optimizer.json"} <= files and "optimizer.pt" not in files
+    # every backend: gathered, keyed by parameter name, no pickle
+    assert {"optimizer.safetensors", "optimizer.json"} <= files and "optimizer.pt" not in files
     for report in reports:
         checkpoint = report["checkpoint"]
         assert checkpoint["moved_before_load"] > 0  # the step after saving changed the weights ...

@@ -135,7 +135,7 @@ def env_settings(env: EnvConfig) -> EnvSettings:
     if env.suite == Suite.TOY:
         return EnvSettings(image_pipeline="none", binarize_gripper=False, unnorm_key=env.unnorm_key or "toy")
     # LIBERO and its benchmark stand-in: the LIBERO image pipeline and gripper convention
-    return EnvSettings(image_pipeline="libero", binarize_gripper=True, unnorm_key=env.unnorm_key or env.suite.value)
+    return EnvSettings(image_pipeline="libero", binarize_gripper=True, unnorm_key=env.unnorm_key or str(env.suite))
 
 
 def compute_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
@@ -194,11 +194,11 @@ def make_env_pool(env: EnvConfig, dist: Dist, num_workers: int | None = None):
     num_workers = num_workers or env.num_workers
     env_kwargs = {} if env.max_steps is None else {"max_steps": env.max_steps}
     if env.suite == Suite.TOY:
-        return InlinePool(env.suite.value, num_workers, env_kwargs)
+        return InlinePool(str(env.suite), num_workers, env_kwargs)
     render_env = {}
     if env.suite in LIBERO_SUITES:
         render_env = choose_render_env(os.environ, detect_gpu_count(), env.render_backend, dist.local_rank)
-    return EnvPool(env.suite.value, num_workers, env_kwargs, env_vars=render_env,
+    return EnvPool(str(env.suite), num_workers, env_kwargs, env_vars=render_env,
                    step_timeout_s=env.step_timeout_s, reset_timeout_s=env.step_timeout_s)
 
 

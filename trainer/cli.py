@@ -126,7 +126,7 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     if dist.is_main and options.output:
         Path(options.output).write_text(json.dumps({
             "model": config.model.source, "run_dir": options.run_dir,
-            "checkpoint": str(checkpoint) if checkpoint is not None else None, "suite": config.env.suite.value,
+            "checkpoint": str(checkpoint) if checkpoint is not None else None, "suite": str(config.env.suite),
             "trials_per_task": options.trials, "results": results}, indent=2))
         print(f"results written to {options.output}")
     dist.close()

@@ -345,7 +345,7 @@ def episode_advantages(algo: AlgoConfig, episodes: list[Episode], dist: Dist, bc
     if algo.grpo.advantage == Advantage.ABSOLUTE:
         advantages = algos.absolute_advantages(rewards)
     else:
-        advantages = algos.grpo_advantages(rewards, group_ids, scale=algo.grpo.scale_rewards.value)
+        advantages = algos.grpo_advantages(rewards, group_ids, scale=str(algo.grpo.scale_rewards))
     keep = algos.dynamic_sampling_mask(rewards, group_ids) if algo.grpo.dynamic_sampling else torch.ones_like(
         rewards, dtype=torch.bool)
     metrics = {"train/groups_kept_fraction": float(keep.float().mean()) if len(keep) else 0.0}
@@ -375,7 +375,7 @@ def objective(algo: AlgoConfig, policy: VLAPolicy, model, batch: Batch, counts: 
     loss, diagnostics = algos.ppo_clip_loss(
         new.log_probs, batch.old_log_probs, batch.advantages, mask, epsilon=algo.epsilon,
         epsilon_high=algo.epsilon_high, log_ratio_clamp=algo.log_ratio_clamp, advantage_clamp=algo.advantage_clamp,
-        loss_type=algo.loss_type.value, num_tokens_global=None if per_step else counts.tokens,
+        loss_type=str(algo.loss_type), num_tokens_global=None if per_step else counts.tokens,
         num_sequences_global=counts.sequences if per_step else None)
     diagnostics["entropy"] = algos.masked_mean(new.entropy.detach(), mask)
     if algo.entropy_coef > 0:
