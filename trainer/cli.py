@@ -26,7 +26,7 @@ from trainer import bench, train
 from trainer.build import QuantMode, init_states_per_task, make_env_pool
 from trainer.checkpoint import latest_checkpoint, load_weights, save_merged_model
 from trainer.config import Choice, ConfigError, check, load
-from trainer.dist import Dist, wait_for_lost_peer
+from trainer.dist import Dist, stop_watching_peers, wait_for_lost_peer
 from trainer.envs.toy import ToyReachEnv
 from trainer.evaluate import evaluate, protocol_items
 from trainer.models import EnvSettings, VLAPolicy, build_model, load_model_and_tokenizer, manifest, preset
@@ -268,4 +268,5 @@ def main(argv: list[str] | None = None) -> None:
     except Exception:
         wait_for_lost_peer()  # a multi-rank run whose peer died: name it (and exit) rather than a collective's error
         raise
+    stop_watching_peers()  # done: the other ranks may take longer to finish without taking this one for lost
     sys.exit(code)

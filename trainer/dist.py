@@ -229,10 +229,7 @@ class Dist:
 
     def close(self) -> None:
         """This rank is done: its peers stop watching its heartbeat (call at the end of a command)."""
-        global _watchdog
-        if _watchdog is not None:
-            _watchdog.finish()
-            _watchdog = None
+        stop_watching_peers()
 
     # --- who am I -------------------------------------------------------------------------------------------------
 
@@ -336,6 +333,14 @@ class Dist:
 _watchdog: PeerWatchdog | None = None  # this process's, while a multi-rank Dist is open
 
 
+def stop_watching_peers() -> None:
+    """This process is done with its run: tell the peers (they stop watching it) and end the watch."""
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.finish()
+        _watchdog = None
+
+
 def wait_for_lost_peer() -> None:
     """For a command that failed in a multi-rank run: if a peer rank was lost, the watch names it and ends the process
     (within dist.peer_timeout_s); otherwise this returns and the command's own error is raised. One process: nothing
@@ -435,8 +440,8 @@ class PeerWatchdog:
                     values = [self.store.get(key) if self.store.check([key]) else b"" for key in keys]
             except Exception as error:  # noqa: BLE001 -- any failure to reach the store
                 if not self._stop.is_set():
-                    self._report(f"the rendezvous store at {self.address} (run by the launcher on node 0) cannot be "
-                                 f"reached ({error}): node 0 is down or unreachable")
+                    self._report(f"the launch's key-value store at {self.address} (run by the launcher on rank 0's "
+                                 f"node) cannot be reached ({error}): the node of rank 0 is down or unreachable")
                 return
             now = time.monotonic()
             lost = []
@@ -471,4 +476,4 @@ class PeerWatchdog:
 
 
 __all__ = ["ACCELERATE_CONFIG_ENV", "BackendName", "Dist", "DistConfig", "PEER_LOST_EXIT_CODE", "PeerWatchdog",
-           "accelerate_config_env", "wait_for_lost_peer"]
+           "accelerate_config_env", "stop_watching_peers", "wait_for_lost_peer"]
