@@ -329,3 +329,34 @@ def test_tokens_of_actions_the_env_never_executed_do_not_reach_the_loss(toy_obse
         epsilon=config.algo.epsilon, epsilon_high=config.algo.epsilon_high, log_ratio_clamp=config.algo.log_ratio_clamp,
         advantage_clamp=config.algo.advantage_clamp, num_tokens_global=executed)
     torch.testing.assert_close(results[0][0], expected.detach())
+
+
+# --- 7. videos of the evaluations --------------------------------------------------------------------------------------
+
+
+def test_video_episodes_records_that_many_greedy_evaluation_episodes_per_evaluation_without_changing_them(tmp_path):
+    """rollout.video_episodes: N mp4 files of the greedy evaluation in output_dir/videos/iter-XXXXXX/ at every
+    evaluation (here the baseline and iteration 1), each a whole episode of the toy task's primary camera; the
+    evaluation's results are those of the same run without videos."""
+    import re
+
+    import imageio.v2 as imageio
+
+    common = ["--train.iterations", "1", "--train.eval_every", "1", "--log.plots", "false",
+              "--train.checkpoint_every", "0"]
+    _train(tmp_path / "plain", *common)
+    _train(tmp_path / "videos", *common, "--rollout.video_episodes", "2")
+    assert not (tmp_path / "plain" / "videos").exists()
+    for iteration in (0, 1):
+        folder = tmp_path / "videos" / "videos" / f"iter-{iteration:06d}"
+        files = sorted(folder.glob("*.mp4"))
+        assert len(files) == 2, files
+        for path in files:
+            assert re.fullmatch(r"task\d+_init\d+_(success|failure)\.mp4", path.name), path.name
+            frames = imageio.mimread(path)
+            assert 2 <= len(frames) <= 9  # the reset frame and one per step (the toy task: at most 8 steps)
+            assert frames[0].shape == (32, 32, 3)
+    plain, videos = _by_iteration(tmp_path / "plain"), _by_iteration(tmp_path / "videos")
+    for iteration in (0, 1):
+        for key in ("eval/greedy_success_rate", "eval/sampled_success_rate"):
+            assert videos[iteration][key] == plain[iteration][key]
