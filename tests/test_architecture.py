@@ -76,7 +76,8 @@ def test_every_trainer_module_imports_in_a_fresh_interpreter():
     names = sorted(_modules())
     script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint('imported', len(sys.argv) - 1)"
     result = subprocess.run([sys.executable, "-c", script, *names], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                            timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                            check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"imported {len(names)}" in result.stdout
     assert {"trainer.build", "trainer.engine", "trainer.learner", "trainer.train", "trainer.cli"} <= set(names)

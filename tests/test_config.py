@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import itertools
 import textwrap
 import typing
 import warnings
@@ -199,7 +200,7 @@ def test_every_option_of_every_section_is_documented_where_it_is_defined():
         for base in cls.__mro__:
             if dataclasses.is_dataclass(base):
                 body = ast.parse(textwrap.dedent(inspect.getsource(base))).body[0].body
-                names |= {node.target.id for node, after in zip(body, body[1:])
+                names |= {node.target.id for node, after in itertools.pairwise(body)
                           if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
                           and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)}
         return names

@@ -12,9 +12,9 @@ from helpers import randomize_lora_b
 
 import trainer.train
 from trainer.engine import merges_lora_for_rollout
-from trainer.train import load_config
 from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
 from trainer.models.lora import LoraSettings, apply_lora, quantize_int8
+from trainer.train import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -248,5 +248,17 @@ def _section_named(config_class, message: str) -> str:
     return walk(config_class, "")
 
 
-__all__ = ["Choice", "ConfigError", "ConfigFileNotFoundError", "InvalidChoice", "RENAMED", "RenamedOptionWarning",
-           "check", "config_problems", "dump", "load", "rename_args", "rename_keys"]
+__all__ = [
+    "RENAMED",
+    "Choice",
+    "ConfigError",
+    "ConfigFileNotFoundError",
+    "InvalidChoice",
+    "RenamedOptionWarning",
+    "check",
+    "config_problems",
+    "dump",
+    "load",
+    "rename_args",
+    "rename_keys",
+]

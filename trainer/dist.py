@@ -26,6 +26,7 @@ peer's heartbeat stops for `dist.peer_timeout_s`, the others print which rank (a
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -416,10 +417,8 @@ class PeerWatchdog:
     def finish(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2 * self.interval_s + 5)
-        try:
+        with contextlib.suppress(Exception):  # the store's host may have finished already: nobody left to tell
             self.store.set(self._key(self.rank), "done")
-        except Exception:  # noqa: BLE001 -- the store's host may already have finished: nothing left to tell
-            pass
 
     def wait_for_verdict(self) -> None:
         """Called when the main thread failed in a multi-rank run: give the watch time to name a lost peer (it then
@@ -475,5 +474,14 @@ class PeerWatchdog:
         os._exit(PEER_LOST_EXIT_CODE)
 
 
-__all__ = ["ACCELERATE_CONFIG_ENV", "BackendName", "Dist", "DistConfig", "PEER_LOST_EXIT_CODE", "PeerWatchdog",
-           "accelerate_config_env", "stop_watching_peers", "wait_for_lost_peer"]
+__all__ = [
+    "ACCELERATE_CONFIG_ENV",
+    "PEER_LOST_EXIT_CODE",
+    "BackendName",
+    "Dist",
+    "DistConfig",
+    "PeerWatchdog",
+    "accelerate_config_env",
+    "stop_watching_peers",
+    "wait_for_lost_peer",
+]

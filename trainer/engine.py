@@ -108,6 +108,11 @@ class Engine:
         self.param_group_names = param_group_names
         self.merges_lora = merge_lora
 
+    @property
+    def parameter_names(self) -> list[str]:
+        """The optimizer's parameters in order (param group by param group)."""
+        return [name for names in self.param_group_names for name in names]
+
     # --- one optimizer step ---------------------------------------------------------------------------------------
 
     def accumulating(self, last: bool):
@@ -169,14 +174,14 @@ class Engine:
         """{"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}, independent of world size and
         backend. A collective on sharded backends; complete on rank 0."""
         saved = _torch_optimizer(self.optimizer).state_dict()
-        order = [name for names in self.param_group_names for name in names]
+        order = self.parameter_names
         return {"state": {order[index]: entry for index, entry in saved["state"].items()},
                 "param_groups": [dict(group, params=[order[i] for i in group["params"]])
                                  for group in saved["param_groups"]]}
 
     def load_optimizer_state(self, state: dict) -> None:
         """Restore optimizer_state()'s dict (the same on every rank)."""
-        order = [name for names in self.param_group_names for name in names]
+        order = self.parameter_names
         check_optimizer_names(state, order)
         index = {name: i for i, name in enumerate(order)}
         _torch_optimizer(self.optimizer).load_state_dict({
@@ -228,7 +233,7 @@ class FSDPEngine(DDPEngine):
 
     def load_optimizer_state(self, state: dict) -> None:
         self._resharded()
-        check_optimizer_names(state, [name for names in self.param_group_names for name in names])
+        check_optimizer_names(state, self.parameter_names)
         set_optimizer_state_dict(self.policy, _torch_optimizer(self.optimizer), state,
                                  options=StateDictOptions(full_state_dict=True))
 
@@ -291,7 +296,7 @@ class DeepSpeedEngine(Engine):
         return _deepspeed_optimizer_state(self.policy, self.optimizer, self.param_group_names)
 
     def load_optimizer_state(self, state: dict) -> None:
-        check_optimizer_names(state, [name for names in self.param_group_names for name in names])
+        check_optimizer_names(state, self.parameter_names)
         _load_deepspeed_optimizer_state(self.policy, self.optimizer, state)
 
 
