@@ -90,7 +90,7 @@ EVAL_DEFAULTS = {"lora": {"enabled": False}, "env": {"suite": "libero_spatial", 
 
 def load_eval_config(args: list[str]) -> EvalConfig:
     run_dir = _option_value(args, "--eval.run_dir")
-    if run_dir is not None and "--config" not in args:
+    if run_dir is not None and _option_value(args, "--config") is None:  # the run's config, then the overrides
         return load(EvalConfig, ["--config", str(Path(run_dir) / "config.yaml"), *args])
     return load(EvalConfig, args, defaults=EVAL_DEFAULTS)
 
