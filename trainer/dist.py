@@ -350,7 +350,6 @@ def wait_for_lost_peer() -> None:
         _watchdog.wait_for_verdict()
 
 
-
 def _default_store_address() -> tuple[str, int] | None:
     """Host and port of the TCP store the process group was set up with (torchrun's / accelerate's rendezvous)."""
     try:
@@ -372,7 +371,7 @@ class PeerWatchdog:
     node clocks need not agree) is reported by rank and host, and this process exits with PEER_LOST_EXIT_CODE: the
     main thread may be blocked inside a collective that would otherwise wait until the collective timeout. A rank
     that finishes normally writes "done" and is not watched any more. Losing the store itself means the node that
-    hosts it (node 0, where the launcher's rendezvous runs) is gone, and is reported as such.
+    hosts it (rank 0's, where the launcher runs the store) is gone, and is reported as such.
 
     It uses a connection of its own to the store, so that a main thread blocked in a store request (NCCL's set-up
     waiting for a dead rank) cannot hold it up.
