@@ -12,9 +12,9 @@ node that loses power), and measures how long node 0 takes to exit, its exit cod
 that name the missing rank or node, timeouts and NCCL / gloo errors. Node 0 is killed after --exit-wait-s if it has
 not exited by then ("did not exit" is a result too). Writes OUT/multinode.json and the two nodes' logs.
 
-The collective timeout: the trainer's config field for it is passed as `COLLECTIVE_TIMEOUT_FLAG <seconds>`; the
-flag's name is the variable just below (the field is being added to trainer/dist.py and trainer/config.py by another
-change: set the name when merging; leave it empty to pass nothing and record the current behaviour).
+The bound on how long the survivor waits: `--collective-timeout-s` is passed to the trainer as
+`--dist.peer_timeout_s` (the peer heartbeat that names the lost rank; `dist.timeout_minutes` is the NCCL/gloo
+collective timeout behind it, 30 minutes by default).
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-# >>> LEAD: set to the real `--section.key` of the collective-timeout config field when merging (e.g. "--dist.timeout_s").
-COLLECTIVE_TIMEOUT_FLAG = ""
-# <<<
+COLLECTIVE_TIMEOUT_FLAG = "--dist.peer_timeout_s"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INTERESTING = re.compile(r"rank\s*1\b|node\s*1\b|missing|timed?\s*out|timeout|watchdog|NCCL|gloo|peer|"
