@@ -95,7 +95,7 @@ def egl_view() -> dict:
     except OSError:  # no NVIDIA driver on this host
         gpu_count = 0
     for visible in [None] + [str(i) for i in range(gpu_count)]:
-        environ = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        environ = {**os.environ, "PYTHONPATH": python_path(os.environ)}
         environ.pop("CUDA_VISIBLE_DEVICES", None)
         if visible is not None:
             environ["CUDA_VISIBLE_DEVICES"] = visible
@@ -104,6 +104,11 @@ def egl_view() -> dict:
         key = f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "all visible"
         views[key] = json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else result.stderr
     return {"gpu_count": gpu_count, "views": views}
+
+
+def python_path(environ) -> str:
+    """The repository first, then whatever the caller had (the installed LIBERO kit, carried wheels)."""
+    return os.pathsep.join(p for p in (str(REPO_ROOT), environ.get("PYTHONPATH", "")) if p)
 
 
 def rank_environ(layout: str, rank: int) -> tuple[dict, dict]:
@@ -117,7 +122,7 @@ def rank_environ(layout: str, rank: int) -> tuple[dict, dict]:
         environ["CUDA_VISIBLE_DEVICES"] = str(rank)
         environ["LOCAL_RANK"] = "0"
     render_env = choose_render_env(environ, detect_gpu_count(environ), None, int(environ["LOCAL_RANK"]))
-    return {**environ, **render_env, "PYTHONPATH": str(REPO_ROOT)}, render_env
+    return {**environ, **render_env, "PYTHONPATH": python_path(environ)}, render_env
 
 
 def run_ranks(layout: str, ranks: list[int], workdir: Path, hold_s: float) -> list[dict]:
@@ -192,7 +197,7 @@ def compare_frames(egl_npz: Path, other_npz: Path, label: str) -> dict:
 
 def osmesa_frames(workdir: Path) -> Path | None:
     environ = {key: value for key, value in os.environ.items() if key not in ("CUDA_VISIBLE_DEVICES",)}
-    environ.update({"MUJOCO_GL": "osmesa", "PYOPENGL_PLATFORM": "osmesa", "PYTHONPATH": str(REPO_ROOT)})
+    environ.update({"MUJOCO_GL": "osmesa", "PYOPENGL_PLATFORM": "osmesa", "PYTHONPATH": python_path(os.environ)})
     if os.environ.get("OSMESA_LIBRARY_PATH"):
         environ["LD_LIBRARY_PATH"] = f"{os.environ['OSMESA_LIBRARY_PATH']}:{os.environ.get('LD_LIBRARY_PATH', '')}"
     out = workdir / "osmesa.npz"
