@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="tiny, tiny-oft, or a local checkpoint directory")
     source.add_argument("--run-dir", help="a training run's output_dir: its config and latest checkpoint")
     ev.add_argument("--family", choices=["openvla", "oft"], help="force OFT for released OFT checkpoints")
+    ev.add_argument("--num-images", type=int, help="OFT views of a released OFT directory (default: read from its files)")
+    ev.add_argument("--oft-stop-token", action=argparse.BooleanOptionalAction, default=None,
+                    help="OFT: </s> after the action slots (default); --no-oft-stop-token for RLinf-trained checkpoints")
     ev.add_argument("--suite", help="default: the run's suite with --run-dir, else libero_spatial")
     ev.add_argument("--task-ids", type=int, nargs="*")
     ev.add_argument("--trials", type=int, default=50, help="trials per task (the protocol: 50)")
@@ -107,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-workers", type=int, default=4, help="env worker processes per rank")
     ev.add_argument("--max-steps", type=int, help="override the suite's step limit")
     ev.add_argument("--unnorm-key", help="norm_stats key (default: the suite, then <suite>_no_noops)")
-    ev.add_argument("--l1-head", action="store_true", help="OFT: greedy actions from the L1 regression head")
+    ev.add_argument("--l1-head", action=argparse.BooleanOptionalAction, default=None,
+                    help="OFT greedy actions from the L1 head (--l1-head) or the tokens (--no-l1-head); default: the "
+                         "L1 head of a released OFT checkpoint (official), the tokens of a policy trained here")
     ev.add_argument("--seed", type=int, default=7)
     ev.add_argument("--videos", type=int, default=0, help="record this many episodes as mp4")
     ev.add_argument("--videos-dir", default="videos")

@@ -26,8 +26,14 @@ class ModelConfig:
     dtype: str = "auto"
     """"auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"."""
     gradient_checkpointing: bool = False
-    use_l1_head_for_eval: bool = False
-    """OFT: evaluate greedy actions with the L1 regression head instead of argmax tokens."""
+    use_l1_head_for_eval: bool | None = None
+    """OFT greedy evaluation: true = the L1 regression head, false = the action tokens, null = as the checkpoint says
+    (the L1 head of a released OFT checkpoint, as the official LIBERO evaluation; the tokens of a policy trained here)."""
+    num_images: int | None = None
+    """OFT camera views, for released OFT directories (whose config.json does not say): default 2 when the directory
+    has OFT's action_head / proprio_projector files (the OFT LIBERO release), else 1 (SimpleVLA-RL, RLinf)."""
+    oft_stop_token: bool | None = None
+    """OFT: </s> after the action slots (default, as OpenVLA-OFT); false for checkpoints trained with RLinf's OFT port."""
 
 
 @dataclass

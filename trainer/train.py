@@ -119,7 +119,8 @@ def build_policy(config: RunConfig, dist: Dist) -> VLAPolicy:
     check_quantization(config.quant.mode, dist.backend)
     model, tokenizer = load_model_and_tokenizer(config.model.source, seed=config.train.seed,
                                                 dtype=compute_dtype(config, dist), family=config.model.family,
-                                                device=dist.device)
+                                                device=dist.device, num_images=config.model.num_images,
+                                                stop_token=config.model.oft_stop_token)
     if config.quant.mode == "int8":
         quantize_int8(model, dist.device)
     if config.model.gradient_checkpointing:
@@ -462,6 +463,7 @@ def train(config: RunConfig) -> dict:
 
     policy = build_policy(config, dist)
     logger.print("trainable parameters:\n" + format_breakdown(trainable_breakdown(policy)))
+    logger.print(policy.summary())
     optimizer, scheduler = build_optimizer(config, policy)
     # The scheduler is not prepared: it steps once per iteration, whatever the backend and world size (see Dist.prepare).
     model, optimizer = dist.prepare(policy, optimizer, max_grad_norm=config.optim.max_grad_norm)

@@ -271,9 +271,12 @@ def unnormalize_actions(normalized: np.ndarray, action_stats: dict, range_eps: f
 
 
 def normalize_proprio(proprio: np.ndarray, proprio_stats: dict) -> np.ndarray:
+    """OFT's BOUNDS_Q99 proprio normalisation: dims whose mask is False pass through (then clipped, as OFT does)."""
     q01 = np.asarray(proprio_stats["q01"], dtype=np.float64)
     q99 = np.asarray(proprio_stats["q99"], dtype=np.float64)
-    return np.clip(2.0 * (proprio - q01) / (q99 - q01 + 1e-8) - 1.0, -1.0, 1.0).astype(np.float32)
+    mask = np.asarray(proprio_stats.get("mask", np.ones_like(q01, dtype=bool)), dtype=bool)
+    scaled = np.where(mask, 2.0 * (proprio - q01) / (q99 - q01 + 1e-8) - 1.0, proprio)
+    return np.clip(scaled, -1.0, 1.0).astype(np.float32)
 
 
 def libero_gripper(actions: np.ndarray) -> np.ndarray:
@@ -284,9 +287,12 @@ def libero_gripper(actions: np.ndarray) -> np.ndarray:
 
 
 def select_norm_stats(norm_stats: dict, unnorm_key: str | None) -> tuple[str, dict]:
-    """Pick the dataset statistics; LIBERO evals fall back from `<suite>` to `<suite>_no_noops`."""
+    """Pick the dataset statistics as the official code does: the only dataset when no key is given
+    (predict_action's _check_unnorm_key), else the key, falling back to `<key>_no_noops` (the LIBERO evaluations'
+    check_unnorm_key: the released LIBERO fine-tunes were trained on the `<suite>_no_noops` datasets)."""
     if not norm_stats:
-        raise ValueError("the checkpoint's config.json has no norm_stats; cannot un-normalise actions")
+        raise ValueError("the checkpoint has no action statistics (no dataset_statistics.json, and config.json has no "
+                         "norm_stats); cannot un-normalise actions")
     if unnorm_key is None:
         if len(norm_stats) != 1:
             raise ValueError(f"the checkpoint has statistics for several datasets; set unnorm_key to one of "
@@ -295,4 +301,5 @@ def select_norm_stats(norm_stats: dict, unnorm_key: str | None) -> tuple[str, di
     for key in (unnorm_key, f"{unnorm_key}_no_noops"):
         if key in norm_stats:
             return key, norm_stats[key]
-    raise KeyError(f"unnorm_key {unnorm_key!r} is not in the checkpoint's norm_stats; available: {sorted(norm_stats)}")
+    raise KeyError(f"unnorm_key {unnorm_key!r} is not in the checkpoint's norm_stats (nor {unnorm_key}_no_noops); "
+                   f"available: {sorted(norm_stats)}; pick one with env.unnorm_key (eval: --unnorm-key)")
