@@ -584,7 +584,7 @@ class TestOfficialScenes:
     """
 
     TASK = 4
-    TRIALS = 3
+    TRIALS = 2  # each official trial costs a hard reset (seconds on CPU); two cover replay, restart and continuation
 
     @pytest.fixture(scope="class")
     def official(self):
@@ -617,7 +617,7 @@ class TestOfficialScenes:
         env = LiberoEnv("libero_spatial", camera_size=128)
         try:
             assert any(np.abs(p[:3]).max() > 0 for p in official[0]["poses"].values())
-            for trial in (2, 0, 1):  # out of order, as parallel workers take them
+            for trial in (1, 0, 1):  # out of order and repeated, as parallel workers take them
                 observation = env.reset(self.TASK, trial, seed=OFFICIAL_SCENE)
                 poses = _fixture_poses(env.sim_env)
                 assert poses.keys() == official[trial]["poses"].keys() and len(poses) >= 2
@@ -625,8 +625,8 @@ class TestOfficialScenes:
                     np.testing.assert_array_equal(pose, official[trial]["poses"][name], err_msg=f"trial {trial} {name}")
                 np.testing.assert_array_equal(env.sim_env.get_sim_state(), official[trial]["state"])
                 np.testing.assert_array_equal(observation.primary_image, official[trial]["image"])
-            # trial 2 replayed two earlier resets; trial 0 restarted from seed 0; trial 1 continued from trial 0's
-            assert env.scene_replay_resets == 2
+            # trial 1 replayed one earlier reset; trial 0 restarted from seed 0; trial 1 then continued from trial 0's
+            assert env.scene_replay_resets == 1
             # the per-episode seeds training uses draw other scenes: the fixtures move (by ~1-2 cm, measured)
             env.reset(self.TASK, 1, seed=derive_seed(0, 0, 0, 1))
             moved = max(np.abs(p[:3] - official[1]["poses"][n][:3]).max() for n, p in _fixture_poses(env.sim_env).items())
