@@ -36,11 +36,11 @@ WAIT_ACTION = [0, 0, 0, 0, 0, 0, -1]
 SCENES = [("libero_spatial", 0, 0, 0), ("libero_spatial", 0, 1, 12), ("libero_goal", 0, 0, 0)]
 
 
-def render(out_path: str) -> None:
+def render(out_path: str, backend: str = "osmesa") -> None:
     from trainer.envs.libero_setup import ensure_libero_ready
     from trainer.envs.render import apply_render_env
 
-    apply_render_env("osmesa")
+    apply_render_env(backend)
     ensure_libero_ready()
     from libero.libero import benchmark
     from libero.libero.envs import OffScreenRenderEnv
@@ -121,12 +121,14 @@ def main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="step", required=True)
     render_parser = sub.add_parser("render")
     render_parser.add_argument("out")
+    render_parser.add_argument("--backend", default="osmesa", help="osmesa (the committed fixture) or egl (GPU hosts: "
+                               "the same scenes, to measure how far OSMesa frames are from EGL ones)")
     reference_parser = sub.add_parser("reference")
     reference_parser.add_argument("frames")
     reference_parser.add_argument("out")
     args = parser.parse_args(argv)
     if args.step == "render":
-        render(args.out)
+        render(args.out, args.backend)
     else:
         reference(args.frames, args.out)
     return 0
