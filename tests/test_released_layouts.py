@@ -159,9 +159,10 @@ def test_oft_release_layout_loads_as_oft_with_its_head_and_is_evaluated_with_it(
         "action_head--150000_checkpoint.pt", "proprio_projector--150000_checkpoint.pt"]
     # what the issue reported: the statistics exist only in dataset_statistics.json
     assert "libero_spatial_no_noops" not in json.loads((directory / "config.json").read_text())["norm_stats"]
-    policy = _policy(directory, "libero_spatial", family="oft")
+    policy = _policy(directory, "libero_spatial")  # OFT's head files say OFT: no family needed
     oft = policy.config.trainer.oft
     assert (oft.num_images, oft.use_proprio, oft.use_l1_head, oft.stop_token) == (2, True, True, True)
+    assert _policy(directory, "libero_spatial", family="oft").config == policy.config
     assert policy.eval_uses_l1_head and "greedy evaluation: L1 regression head" in policy.summary()
     reference, _ = load_model_and_tokenizer("tiny-oft", seed=3)
     for (name, ours), (_, theirs) in zip(policy.base_model.state_dict().items(), reference.state_dict().items()):
@@ -178,14 +179,14 @@ def test_oft_release_layout_loads_as_oft_with_its_head_and_is_evaluated_with_it(
 
 
 def test_released_oft_directory_through_the_run_config(tmp_path):
-    """`--model.source <released OFT dir> --model.family oft --env.suite libero_spatial` builds the policy (it raised
+    """`--model.source <released OFT dir> --env.suite libero_spatial` builds an OFT policy (it raised
     KeyError: unnorm_key 'libero_spatial' before)."""
     from trainer.config import RunConfig
     from trainer.dist import Dist
     from trainer.train import build_policy
 
     config = RunConfig()
-    config.model.source, config.model.family, config.env.suite = str(_released_oft(tmp_path)), "oft", "libero_spatial"
+    config.model.source, config.env.suite = str(_released_oft(tmp_path)), "libero_spatial"
     config.lora.enabled = False
     policy = build_policy(config, Dist.create())
     assert policy.unnorm_key == "libero_spatial_no_noops" and policy.eval_uses_l1_head

@@ -22,7 +22,8 @@ class ModelConfig:
     source: str = "tiny"
     """"tiny" / "tiny-oft" (random init, seeded) or a local checkpoint directory (config.json + safetensors)."""
     family: str | None = None
-    """Force "oft" for released OpenVLA-OFT directories (their config.json does not say so)."""
+    """Force "oft" for released OpenVLA-OFT directories without OFT's head files (their config.json does not say so;
+    directories with the files load as OFT by themselves)."""
     dtype: str = "auto"
     """"auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"."""
     gradient_checkpointing: bool = False

@@ -9,8 +9,9 @@ Action statistics: a ``dataset_statistics.json`` in the directory replaces confi
 official evaluation code does (fine-tuned releases keep openvla-7b's config.json, whose statistics know only the
 pre-training mixture, and carry the fine-tuning data's statistics in that file).
 
-Released OpenVLA-OFT directories say nothing about how they were trained (their config.json is openvla-7b's), so
-``load_vla(family="oft")`` reads the layout from the files present (docs/fidelity.md, "released layouts"):
+Released OpenVLA-OFT directories say nothing about how they were trained (their config.json is openvla-7b's). A
+directory with OFT's component files loads as OFT by itself; one without them (an OFT fine-tune on the tokens) needs
+``family="oft"``. The layout is read from the files present (docs/fidelity.md, "released layouts"):
 - with OFT's ``action_head`` / ``proprio_projector`` files (moojink/openvla-7b-oft-finetuned-libero-*): the OFT
   LIBERO configuration, two views (agentview + wrist), proprio and the L1 head;
 - with neither (OFT fine-tunes on the action tokens: SimpleVLA-RL's SFT checkpoints, RLinf's LoRA bases): OFT's
@@ -178,6 +179,8 @@ def load_vla(directory: str | Path, dtype: torch.dtype = torch.bfloat16, device:
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     config = VLAConfig.load(directory)
     config.norm_stats, config.norm_stats_source = read_norm_stats(directory, config)
+    if family is None and not config.is_oft and any(_has_component(directory, c) for c in COMPONENTS):
+        family = "oft"  # OFT's head / projector files beside openvla-7b's config.json: the OFT release layout
     if family == "oft" and not config.is_oft:
         config = released_oft_config(config, directory, num_images)
     elif family == "openvla" and config.is_oft:
