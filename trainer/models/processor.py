@@ -47,7 +47,12 @@ def encode_decode_jpeg(image: np.ndarray) -> np.ndarray:
     libjpeg's *fast integer* IDCT with fancy upsampling, which is what TensorFlow's DecodeJpeg uses: simplejpeg
     exposes it. PIL decodes with the accurate IDCT, which differs by up to 16 grey levels on LIBERO frames.
     """
-    import simplejpeg
+    try:
+        import simplejpeg
+    except ImportError as error:
+        raise ImportError("the LIBERO image pipeline decodes JPEG with simplejpeg (libjpeg's fast integer IDCT, as "
+                          "TensorFlow does): pip install simplejpeg (a project dependency; on hosts without a package "
+                          "registry, carry its wheel)") from error
 
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling="4:2:0")
