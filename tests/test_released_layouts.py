@@ -26,8 +26,15 @@ from safetensors.torch import load_file, save_file
 from trainer.envs.base import Observation, StepResult
 from trainer.envs.pool import EnvInfo, ResetReply, StepReply
 from trainer.evaluate import evaluate, protocol_items
-from trainer.models import EnvSettings, VLAPolicy, build_model, load_model_and_tokenizer, manifest, preset
-from trainer.models import save_tiny_checkpoint
+from trainer.models import (
+    EnvSettings,
+    VLAPolicy,
+    build_model,
+    load_model_and_tokenizer,
+    manifest,
+    preset,
+    save_tiny_checkpoint,
+)
 from trainer.models.config import VLAConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -60,7 +67,9 @@ class TwoStepPool:
         self.actions = []
 
     def _observation(self):
-        frame = lambda: self.rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)  # noqa: E731
+        def frame():
+            return self.rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+
         return Observation(frame(), frame(), self.rng.uniform(-0.2, 0.2, 8).astype(np.float32), self.info.instructions[0])
 
     def reset(self, requests, timeout_s=None):

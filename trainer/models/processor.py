@@ -109,7 +109,7 @@ def _lanczos3_spans(input_size: int, output_size: int) -> tuple[np.ndarray, np.n
     inv_translate = -inv_scale * _F32(0.0)
     kernel_scale = max(inv_scale, _F32(1.0))
     radius = _F32(3.0)
-    span_size = min(2 * int(math.ceil(radius * kernel_scale)) + 1, input_size)
+    span_size = min(2 * math.ceil(radius * kernel_scale) + 1, input_size)
     one_over_kernel_scale = _F32(1.0) / kernel_scale
     starts = np.zeros(output_size, dtype=np.int64)
     weights = np.zeros((output_size, span_size), dtype=_F32)
@@ -117,8 +117,8 @@ def _lanczos3_spans(input_size: int, output_size: int) -> tuple[np.ndarray, np.n
         sample = (_F32(x) + _F32(0.5)) * inv_scale + inv_translate
         if sample < 0 or sample > input_size:
             continue  # an empty span (only with translations, which the resize does not use)
-        start = int(math.ceil((sample - radius * kernel_scale) - _F32(0.5)))
-        end = int(math.floor((sample + radius * kernel_scale) - _F32(0.5)))
+        start = math.ceil((sample - radius * kernel_scale) - _F32(0.5))
+        end = math.floor((sample + radius * kernel_scale) - _F32(0.5))
         start = min(max(start, 0), input_size - 1)
         end = min(max(end, 0), input_size - 1) + 1
         positions = (np.arange(start, end).astype(_F32) + _F32(0.5)) - sample
