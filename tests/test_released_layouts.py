@@ -190,14 +190,13 @@ def test_oft_release_layout_loads_as_oft_with_its_head_and_is_evaluated_with_it(
 def test_released_oft_directory_through_the_run_config(tmp_path):
     """`--model.source <released OFT dir> --env.suite libero_spatial` builds an OFT policy (it raised
     KeyError: unnorm_key 'libero_spatial' before)."""
-    from trainer.config import RunConfig
+    from trainer.cli import load_eval_config
     from trainer.dist import Dist
-    from trainer.train import build_policy
+    from trainer.train import build_run_policy
 
-    config = RunConfig()
-    config.model.source, config.env.suite = str(_released_oft(tmp_path)), "libero_spatial"
-    config.lora.enabled = False
-    policy = build_policy(config, Dist.create())
+    config = load_eval_config(["--model.source", str(_released_oft(tmp_path)), "--env.suite", "libero_spatial"])
+    assert config.model.use_l1_head_for_eval is None and not config.lora.enabled
+    policy = build_run_policy(config, Dist.create(config.dist))
     assert policy.unnorm_key == "libero_spatial_no_noops" and policy.eval_uses_l1_head
 
 
@@ -234,6 +233,29 @@ def test_rlinf_lora_base_layout_without_the_stop_token(tmp_path):
     assert not torch.allclose(without.action_logits, with_stop.action_logits)
     report = evaluate(rlinf, TwoStepPool(), protocol_items([0], 2, [50]), SingleProcess(), greedy=True)
     assert report.per_task == {0: (1, 2)}
+
+
+def test_eval_command_options_for_a_token_oft_release(tmp_path):
+    """RLinf's base through the eval command's options: --model.family oft, --model.num_images 1 and
+    --model.oft_stop_token false reach the loader; a wrong view count is refused by validation."""
+    from trainer.cli import load_eval_config
+    from trainer.config import ConfigError
+    from trainer.dist import Dist
+    from trainer.train import build_run_policy
+
+    directory = _token_oft(tmp_path, "RLinf-OpenVLAOFT-LIBERO-130-Base-Lora", "libero_130_no_noops_trajall")
+    args = ["--model.source", str(directory), "--model.family", "oft", "--env.suite", "libero_spatial",
+            "--env.unnorm_key", "libero_130_no_noops_trajall"]
+    config = load_eval_config([*args, "--model.num_images", "1", "--model.oft_stop_token", "false"])
+    assert (config.model.num_images, config.model.oft_stop_token) == (1, False)
+    policy = build_run_policy(config, Dist.create(config.dist))
+    oft = policy.config.trainer.oft
+    assert (oft.num_images, oft.stop_token, oft.use_l1_head) == (1, False, False)
+    assert policy.unnorm_key == "libero_130_no_noops_trajall" and not policy.eval_uses_l1_head
+    default = build_run_policy(load_eval_config(args), Dist.create())
+    assert default.config.trainer.oft.stop_token and default.config.trainer.oft.num_images == 1
+    with pytest.raises(ConfigError, match="num_images = 0"):
+        load_eval_config([*args, "--model.num_images", "0"])
 
 
 def _pixels(inputs):
