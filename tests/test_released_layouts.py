@@ -196,6 +196,7 @@ def test_released_oft_directory_through_the_run_config(tmp_path):
 
     config = load_eval_config(["--model.source", str(_released_oft(tmp_path)), "--env.suite", "libero_spatial"])
     assert config.model.use_l1_head_for_eval is None and not config.lora.enabled
+    assert config.eval.trials == 50 and config.eval.mode == "greedy"  # the protocol's count and decode by default
     policy = build_run_policy(config, Dist.create(config.dist))
     assert policy.unnorm_key == "libero_spatial_no_noops" and policy.eval_uses_l1_head
 
