@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
+from trainer.models.processor import pixel_values
 
 
 def make_policy(name="tiny", value_head=True, env=EnvSettings("none", False, "toy")):
@@ -136,3 +137,109 @@ def test_act_decodes_with_the_kv_cache_even_in_training_mode_with_checkpointing(
     assert policy.training  # restored
     assert torch.equal(result.token_ids, reference.token_ids)
     torch.testing.assert_close(result.log_probs, reference.log_probs)
+
+
+# --- the official greedy decode (evaluation) ------------------------------------------------------------------------
+
+
+def _official_openvla_greedy(model, pixel_values, prompt_ids, n_actions=7):
+    """The official predict_action, re-typed from OPENVLA_SPEC §2 / §3 with plain HF calls (no KV cache, one sample):
+    greedy generation over the whole vocabulary that stops at </s>, the last 7 ids of the sequence, id -> bin with
+    clip(vocab - id - 1, 0, 254)."""
+    language_model = model.language_model
+    embed = language_model.get_input_embeddings()
+    prefix = model._prefix_embeddings(pixel_values, None)
+    generated = []
+    for _ in range(n_actions):
+        ids = torch.tensor([prompt_ids + generated])
+        logits = language_model(inputs_embeds=torch.cat([prefix, embed(ids)], dim=1)).logits[0, -1]
+        generated.append(int(logits.argmax()))
+        if generated[-1] == model.config.trainer.stop_token_id:
+            break
+    last = np.array((prompt_ids + generated)[-n_actions:])
+    return _official_bins(model.config, last)
+
+
+def _official_oft_tokens(model, pixel_values, proprio, prompt_ids):
+    """OFT's discrete path (OPENVLA_SPEC §4.3): [BOS, patches, proprio, prompt, 56 zero slots, </s>], bidirectional
+    attention, logits at the 56 positions from the space token on, argmax over the whole vocabulary."""
+    language_model = model.language_model
+    embed = language_model.get_input_embeddings()
+    slots = model.num_action_slots
+    prefix = model._prefix_embeddings(pixel_values, proprio)
+    sequence = torch.cat([prefix, embed(torch.tensor([prompt_ids])), torch.zeros(1, slots, prefix.shape[-1]),
+                          embed(torch.tensor([[model.config.trainer.stop_token_id]]))], dim=1)
+    no_mask = torch.zeros(1, 1, sequence.shape[1], sequence.shape[1])  # every token sees every token
+    logits = language_model(inputs_embeds=sequence, attention_mask=no_mask).logits[0]
+    start = prefix.shape[1] + len(prompt_ids) - 1  # the space token's position
+    return _official_bins(model.config, logits[start: start + slots].argmax(-1).numpy())
+
+
+def _official_bins(config, token_ids: np.ndarray) -> np.ndarray:
+    bins = np.linspace(-1, 1, 256)
+    centres = (bins[:-1] + bins[1:]) / 2
+    vocab_size = config.text_config["vocab_size"] - config.pad_to_multiple_of
+    return centres[np.clip(vocab_size - token_ids - 1, 0, 254)]
+
+
+def _make_top_tokens_mixed(policy, inputs) -> None:
+    """A random tiny model's top token is a non-action id almost everywhere. Scale the action rows of the output layer
+    so that action tokens win, then let </s> (a non-action id) win where one particular action token would
+    (OpenVLA), or at the positions whose hidden state points its way (OFT)."""
+    with torch.no_grad():
+        head = policy.base_model.language_model.lm_head.weight
+        first = policy.action_tokenizer.first_action_id
+        head[first: first + 256] *= 3.0
+        stop = policy.config.trainer.stop_token_id
+        if policy.config.is_oft:
+            hidden = policy.base_model(pixel_values(inputs.images), inputs.text_ids, inputs.text_mask,
+                                       proprio=inputs.proprio).action_hidden
+            direction = hidden[0, 3] - hidden.mean((0, 1))  # slot 3 of sample 0, as it differs from the rest
+            head[stop] = direction / direction.norm() * 40.0
+        else:
+            head[stop] = head[first + 7] * 1.02
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-oft"])
+def test_official_greedy_equals_the_official_decode_when_the_top_token_is_not_an_action(name, toy_observations):
+    policy = make_policy(name, value_head=False)
+    observations = toy_observations * 3  # more positions; prompts of different lengths pad differently
+    inputs = policy.prepare(observations)
+    _make_top_tokens_mixed(policy, inputs)
+    official = policy.act(inputs, greedy=True, official_greedy=True)
+    restricted = policy.act(inputs, greedy=True)
+    first = policy.action_tokenizer.first_action_id
+    outside = (official.token_ids < first) | (official.token_ids >= first + 256)
+    assert 0 < outside.float().mean() < 1, "the test needs top tokens both inside and outside the action ids"
+    assert not np.allclose(official.normalized_actions, restricted.normalized_actions)
+    model = policy.base_model
+    pixel = pixel_values(inputs.images)
+    for i in range(len(observations)):
+        prompt = policy.prompt_ids(observations[i].instruction)
+        if policy.config.is_oft:
+            expected = _official_oft_tokens(model, pixel[i: i + 1], inputs.proprio[i: i + 1], prompt)
+        else:
+            expected = _official_openvla_greedy(model, pixel[i: i + 1], prompt)
+        np.testing.assert_allclose(official.normalized_actions[i].reshape(-1), expected, atol=0, rtol=0)
+    if not policy.config.is_oft:  # the early </s> path ran: some generation ended before its 7th token, so the
+        # prompt's end (its last token is the space token) fills the front of those rows
+        early = official.token_ids[:, -1] == policy.config.trainer.stop_token_id
+        assert early.any() and (official.token_ids[early, 0] != policy.config.trainer.stop_token_id).all()
+        assert (official.token_ids[early] == policy.config.trainer.space_token_id).any()
+    # greedy log-probs are the whole-vocabulary ones; restricted greedy keeps the 256-way ones that training uses
+    assert (official.log_probs <= 0).all() and torch.equal(restricted.token_ids - first,
+                                                           policy.evaluate(inputs, restricted.token_ids).logits.argmax(-1))
+
+
+def test_sampling_stays_on_action_ids_with_official_greedy(toy_observations):
+    """Sampled steps (not greedy) of an evaluation batch are unaffected: 256-way, consistent with evaluate()."""
+    policy = make_policy("tiny-oft", value_head=False)
+    inputs = policy.prepare(toy_observations)
+    _make_top_tokens_mixed(policy, inputs)
+    mixed = policy.act(inputs, greedy=torch.tensor([True, False, False]), official_greedy=True, temperature=1.3,
+                       generator=torch.Generator().manual_seed(0))
+    first = policy.action_tokenizer.first_action_id
+    sampled = mixed.token_ids[1:]
+    assert ((sampled >= first) & (sampled < first + 256)).all()
+    evaluated = policy.evaluate(inputs.select([1, 2]), sampled, temperature=1.3)
+    torch.testing.assert_close(evaluated.log_probs, mixed.log_probs[1:], atol=1e-5, rtol=1e-5)

@@ -57,18 +57,29 @@ class ModelConfig:
     """"tiny" / "tiny-oft" (random init, seeded by train.seed), "random:<preset>" (full-size random weights, for
     benchmarks), or a local checkpoint directory (config.json + safetensors, OpenVLA layout)."""
     family: Family | None = None
-    """Force "oft" for released OpenVLA-OFT directories (their config.json does not say so); None: from config.json."""
+    """Force "oft" for released OpenVLA-OFT directories without OFT's head files (their config.json does not say so;
+    directories with the action_head / proprio_projector files load as OFT by themselves); None: from the files."""
     dtype: Dtype = Dtype.AUTO
     """Weights' dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward instead of keeping them (less memory, about a third more compute)."""
-    use_l1_head_for_eval: bool = False
-    """OFT: evaluate greedy actions with the L1 regression head instead of argmax tokens."""
+    use_l1_head_for_eval: bool | None = None
+    """OFT greedy evaluation: true = the L1 regression head, false = the action tokens, null = as the checkpoint says
+    (the L1 head of a released OFT checkpoint, as the official LIBERO evaluation; the tokens of a policy trained here).
+    The evaluation report names the path used."""
+    num_images: int | None = None
+    """OFT camera views of a released OFT directory (its config.json does not say): null = 2 when the directory has
+    OFT's action_head / proprio_projector files (the OFT LIBERO release), else 1 (SimpleVLA-RL, RLinf)."""
+    oft_stop_token: bool | None = None
+    """OFT: </s> after the action slots (null: as the checkpoint says, else true, as OpenVLA-OFT); false for
+    checkpoints trained with RLinf's OFT port."""
 
     def problems(self) -> list[str]:
+        found: list[str] = []
         if self.use_l1_head_for_eval and not (self.source.endswith("oft") or self.family == Family.OFT):
-            return ["use_l1_head_for_eval needs an OpenVLA-OFT model (model.source *-oft or model.family: oft)"]
-        return []
+            found.append("use_l1_head_for_eval needs an OpenVLA-OFT model (model.source *-oft or model.family: oft)")
+        check(found, self.num_images is None or self.num_images >= 1, "num_images", self.num_images, ">= 1 or null")
+        return found
 
 
 @dataclass
@@ -149,7 +160,8 @@ def build_policy(model: ModelConfig, lora: LoraSettings, quant: QuantConfig, env
     """Model (tiny preset or local checkpoint) -> optional int8 base -> LoRA -> policy with optional value head."""
     check_quantization(quant.mode, dist.backend)
     vla, tokenizer = load_model_and_tokenizer(model.source, seed=seed, dtype=compute_dtype(model, dist.device),
-                                              family=model.family, device=dist.device)
+                                              family=model.family, device=dist.device, num_images=model.num_images,
+                                              stop_token=model.oft_stop_token)
     if quant.mode == QuantMode.INT8:
         quantize_int8(vla, dist.device)
     if model.gradient_checkpointing:

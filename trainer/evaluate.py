@@ -18,7 +18,8 @@ from trainer.rollout import collect_episodes, write_video
 
 
 def protocol_items(task_ids: list[int], trials_per_task: int, init_states_per_task: list[int]) -> list[WorkItem]:
-    """Trial k of a task starts from the task's initial state k (cycled when a task has fewer states than trials)."""
+    """Trial k of a task starts from the task's initial state k (cycled when a task has fewer states than trials), in
+    the official evaluation's scene of that state (evaluate() asks the envs for it)."""
     items = []
     for task_id in task_ids:
         count = init_states_per_task[task_id]
@@ -27,12 +28,24 @@ def protocol_items(task_ids: list[int], trials_per_task: int, init_states_per_ta
     return items
 
 
+STOPPED = "stopped"  # the rollout's env_error for episodes a stop request cut short (they never ran to an end)
+
+
 @dataclass
 class EvalReport:
+    """Counts as the official evaluation counts: an episode that crashed or hung is a failure (the official loop
+    catches the exception and moves on with success False); the env errors are shown beside the rate. Episodes a stop
+    request cut short are not counted (they were not run)."""
+
     mode: str
-    per_task: dict[int, tuple[int, int]] = field(default_factory=dict)  # task -> (successes, valid trials)
-    env_errors: int = 0
+    per_task: dict[int, tuple[int, int]] = field(default_factory=dict)  # task -> (successes, trials counted)
+    env_errors: int = 0  # crashed or hung episodes, counted as failures
+    errors_per_task: dict[int, int] = field(default_factory=dict)
+    stopped: int = 0
     instructions: dict[int, str] = field(default_factory=dict)
+    actions: str = ""  # how actions were decoded (VLAPolicy.describe_actions)
+    norm_stats: str = ""  # which statistics un-normalised them (VLAPolicy.describe_norm_stats)
+    scenes: str = "the official scene of each initial state (env.seed(0), then one reset per earlier trial)"
 
     @property
     def success_rate(self) -> float:
@@ -47,44 +60,60 @@ class EvalReport:
             lines.append(f"{task:>4}  {rate:>8.3f}  {trials:>6}  {self.instructions.get(task, '')}")
         lines.append("-" * 72)
         lines.append(f"{'all':>4}  {self.success_rate:>8.3f}  {sum(n for _, n in self.per_task.values()):>6}  "
-                     f"({self.mode}; env errors excluded: {self.env_errors})")
+                     f"({self.mode}; env errors: {self.env_errors}, counted as failures)")
+        failing = {t: n for t, n in sorted(self.errors_per_task.items()) if n}
+        if failing:
+            lines.append("      env errors per task: " + ", ".join(f"task {t}: {n}" for t, n in failing.items()))
+        if self.stopped:
+            lines.append(f"      {self.stopped} episode(s) not run: a stop was requested")
+        lines.append(f"actions: {self.actions}")
+        lines.append(f"norm stats: {self.norm_stats}")
+        lines.append(f"scenes: {self.scenes}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
         return {"mode": self.mode, "success_rate": self.success_rate, "env_errors": self.env_errors,
-                "per_task": {str(t): {"successes": s, "trials": n, "success_rate": s / n if n else None,
+                "env_errors_count_as_failures": True, "stopped": self.stopped, "actions": self.actions,
+                "norm_stats": self.norm_stats, "scenes": self.scenes,
+                "per_task": {str(t): {"successes": s, "trials": n, "env_errors": self.errors_per_task.get(t, 0),
+                                      "success_rate": s / n if n else None,
                                       "instruction": self.instructions.get(t, "")}
                              for t, (s, n) in sorted(self.per_task.items())}}
 
 
 def evaluate(policy, pool, items: list[WorkItem], dist, *, greedy: bool, temperature: float = 1.0, seed: int = 7,
-             model=None, use_l1_head: bool = False, video_dir: Path | None = None, videos: int = 0,
+             model=None, use_l1_head: bool | None = None, video_dir: Path | None = None, videos: int = 0,
              stop=None) -> EvalReport:
-    """Run this rank's share of `items`; the report holds the global (all-rank) counts."""
+    """Run this rank's share of `items`; the report holds the global (all-rank) counts.
+
+    The official protocol: every episode in the official scene of its initial state; greedy actions decoded as the
+    official code decodes them. `use_l1_head` (OFT, greedy only): None decodes as the policy says
+    (`VLAPolicy.eval_uses_l1_head`: the L1 head of a released OFT checkpoint, the tokens of a policy trained here).
+    """
     local = shard_work_items(items, dist.rank, dist.world_size)
     first = items.index(local[0]) if local else 0
     record = set(range(videos)) if video_dir is not None and dist.is_main else set()
+    l1_head = greedy and (policy.eval_uses_l1_head if use_l1_head is None else use_l1_head)
     was_training = policy.training
     policy.eval()
     episodes, _ = collect_episodes(
         policy, pool, local, greedy_probability=1.0 if greedy else 0.0, temperature=temperature, run_seed=seed,
         rank=dist.rank, episode_offset=first, model=model, keep_trajectories=False, record_video_items=record,
-        use_l1_head=use_l1_head and greedy, generator=torch.Generator().manual_seed(seed + 104729 * dist.rank),
-        should_stop=stop)
+        use_l1_head=l1_head, generator=torch.Generator().manual_seed(seed + 104729 * dist.rank),
+        should_stop=stop, official_scenes=True, official_greedy=greedy)
     policy.train(was_training)
-    counts = defaultdict(float)
-    for episode in episodes:
-        if episode.env_error is None:
-            counts[f"{episode.item.task_id}/success"] += episode.success
-            counts[f"{episode.item.task_id}/trials"] += 1
-        else:
-            counts["env_errors"] += 1
-    keys = sorted({f"{item.task_id}/{kind}" for item in items for kind in ("success", "trials")} | {"env_errors"})
+    counts = count_episodes(episodes)
+    keys = sorted({f"{item.task_id}/{kind}" for item in items for kind in ("success", "trials", "errors")}
+                  | {"stopped"})
     totals = dist.sum_metrics({k: counts.get(k, 0.0) for k in keys})
-    report = EvalReport(mode="greedy" if greedy else f"sampled (T={temperature})", env_errors=int(totals["env_errors"]))
+    report = EvalReport(mode="greedy" if greedy else f"sampled (T={temperature})", stopped=int(totals["stopped"]),
+                        actions=policy.describe_actions(greedy, l1_head, temperature),
+                        norm_stats=policy.describe_norm_stats())
     for task in sorted({item.task_id for item in items}):
         report.per_task[task] = (int(totals[f"{task}/success"]), int(totals[f"{task}/trials"]))
+        report.errors_per_task[task] = int(totals[f"{task}/errors"])
         report.instructions[task] = pool.info.instructions[task]
+    report.env_errors = sum(report.errors_per_task.values())
     if video_dir is not None:
         video_dir.mkdir(parents=True, exist_ok=True)
         for index in sorted(record):
@@ -93,3 +122,18 @@ def evaluate(policy, pool, items: list[WorkItem], dist, *, greedy: bool, tempera
                 name = f"task{episode.item.task_id}_init{episode.item.init_state_id}_{'success' if episode.success else 'failure'}.mp4"
                 write_video(episode.frames, video_dir / name, rotate_180=pool.info.image_pipeline == "libero")
     return report
+
+
+def count_episodes(episodes) -> dict[str, float]:
+    """Per task: successes, trials counted (an env error is a failed trial) and env errors; episodes not run."""
+    counts = defaultdict(float)
+    for episode in episodes:
+        if episode.env_error == STOPPED:
+            counts["stopped"] += 1
+            continue
+        task = episode.item.task_id
+        counts[f"{task}/trials"] += 1
+        counts[f"{task}/success"] += float(episode.success and episode.env_error is None)
+        counts[f"{task}/errors"] += float(episode.env_error is not None)
+    return counts
+

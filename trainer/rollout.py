@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from trainer.envs.pool import EnvPool, ResetRequest
-from trainer.envs.seeding import derive_seed, sampling_seed
+from trainer.envs.seeding import OFFICIAL_SCENE, derive_seed, sampling_seed
 from trainer.envs.sharding import WorkItem
 from trainer.models.policy import PolicyInputs, VLAPolicy
 
@@ -91,6 +91,8 @@ def collect_episodes(
     generator: torch.Generator | None = None,
     progress=None,
     should_stop=None,
+    official_scenes: bool = False,
+    official_greedy: bool = False,
 ) -> tuple[list[Episode], RolloutStats]:
     """Run every item as one episode on `pool`; return the episodes in `items` order and timing stats.
 
@@ -100,7 +102,14 @@ def collect_episodes(
     record_video_items: indices into `items` whose primary camera frames are kept for a video.
     progress: an object with update(n) (e.g. tqdm), advanced once per finished episode.
     should_stop: a callable; when it returns True the rollout ends early (unfinished episodes get env_error "stopped").
+    official_scenes: reset every episode to the official evaluation's scene of its initial state (seeding.OFFICIAL_SCENE)
+        instead of a derived seed. For evaluation.
+    official_greedy: greedy steps decode as the official code does (VLAPolicy.act). For evaluation: the tokens may lie
+        outside the action ids, so no trajectories are kept.
     """
+    if official_greedy and keep_trajectories:
+        raise ValueError("official_greedy decodes over the whole vocabulary (evaluation); its tokens cannot be trained "
+                         "on: pass keep_trajectories=False")
     started = time.perf_counter()
     stats = RolloutStats()
     tokens_per_action = policy.config.trainer.action_dim
@@ -126,7 +135,7 @@ def collect_episodes(
                 break
             index = pending.popleft()
             episode = episodes[index]
-            episode.seed = derive_seed(run_seed, rank, worker, episode_offset + index)
+            episode.seed = OFFICIAL_SCENE if official_scenes else derive_seed(run_seed, rank, worker, episode_offset + index)
             running[worker] = index
             requests[worker] = ResetRequest(episode.item.task_id, episode.item.init_state_id, episode.seed)
         if not requests:
@@ -161,7 +170,7 @@ def collect_episodes(
         greedy = torch.rand(len(workers), generator=generator) < greedy_probability
         tick = time.perf_counter()
         result = policy.act(inputs, greedy=greedy, temperature=temperature, model=model, use_l1_head=use_l1_head,
-                            generator=generator)
+                            generator=generator, official_greedy=official_greedy)
         stats.policy_seconds += time.perf_counter() - tick
         stats.policy_calls += 1
         tick = time.perf_counter()

@@ -430,6 +430,7 @@ def train(config: RunConfig) -> dict:
 
     policy = build_run_policy(config, dist)
     logger.print("trainable parameters:\n" + format_breakdown(trainable_breakdown(policy)))
+    logger.print(policy.summary())
     optimizer, scheduler = build_optimizer(config.optim, policy, config.train.iterations, config.quant.optimizer_8bit)
     engine = setup_engine(dist, policy, optimizer, config.optim, merge_lora=config.rollout.merge_lora)
     if config.rollout.merge_lora and not engine.merges_lora:

@@ -4,6 +4,17 @@ The episode follows the OpenVLA / OpenVLA-OFT LIBERO evaluation (shared/docs/OPE
 - `OffScreenRenderEnv` of the task's BDDL file with 256x256 cameras (agentview + robot0_eye_in_hand);
 - reset: seed, `env.reset()`, `env.set_init_state(<one of the task's 50 benchmark initial states>)`, then 10 wait
   steps with the dummy action [0, 0, 0, 0, 0, 0, -1] (gripper open) while the objects settle;
+- the scene: `env.reset()` places what the initial state does not cover (fixtures: cabinets, stoves, racks) from
+  numpy's global random state, and `set_init_state` does not move them back. The official evaluation seeds one env
+  per task with 0 once and runs trial k after k earlier resets, so its trial k has the fixtures of the k-th draw. A
+  reset with `seed=OFFICIAL_SCENE` (trainer.envs.seeding) rebuilds exactly that scene for initial state k in any
+  worker: seed 0, then k replayed resets (measured: set_init_state and steps consume no random numbers, and a soft
+  reset draws what a hard one draws, with one exception, reproduced: every hard reset reloads the model, which
+  appends another set of the "open/close/turn on/off" joint samplers of articulated objects to a LIBERO list that
+  is never cleared, so the official env's reset k runs k + 2 sets of them; official-scene resets run as many). The
+  random state after each official reset is kept, so a worker that serves trials of a task in increasing order
+  replays each earlier reset at most once. Any other seed seeds numpy with it before the reset (training: a fresh
+  scene per episode, drawn by the same LIBERO samplers, one set of joint samplers per reset);
 - then up to `max_steps` policy actions (220 / 280 / 300 / 520 / 400 for spatial / object / goal / 10 / 90);
   success is LIBERO's goal predicate (`done` of its step), which ends the episode with reward 1.
 - Observation: the raw camera frames (upside down, as MuJoCo renders them; the policy's processor rotates them,
@@ -32,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.envs.base import PROPRIO_DIM, Observation, StepResult, check_action_chunk
+from trainer.envs.seeding import OFFICIAL_SCENE
 
 # Max policy steps per suite, after the wait steps: the longest training demo plus a margin (OPENVLA_SPEC §5).
 SUITE_MAX_STEPS = {
@@ -180,6 +192,7 @@ class LiberoEnv:
         with contextlib.redirect_stdout(io.StringIO()):  # LIBERO prints the task order it uses
             self._benchmark = benchmark.get_benchmark_dict()[suite]()
         self._sim_env = None  # LIBERO's OffScreenRenderEnv, made on the first reset of a task
+        self._joint_samplers: list = []
         self._sim_task_id: int | None = None
         self._init_states: np.ndarray | None = None  # of task _init_states_task_id (the files are read once)
         self._init_states_task_id: int | None = None
@@ -189,6 +202,9 @@ class LiberoEnv:
         self._elapsed_steps = 0
         self._wait_steps_done = 0
         self._done = True
+        # numpy's random state right after an official reset: (task_id, resets done since seed 0, state)
+        self._official_random_state: tuple[int, int, tuple] | None = None
+        self.scene_replay_resets = 0  # resets replayed to rebuild official scenes (diagnostics, tests)
 
     # --- Env protocol -------------------------------------------------------------------------------------------
     def num_tasks(self) -> int:
@@ -212,8 +228,14 @@ class LiberoEnv:
                 f"{len(init_states)} initial states (0..{len(init_states) - 1})"
             )
         sim_env = self._simulator_for(task_id)
-        sim_env.seed(seed)  # LIBERO seeds numpy's global generator (object placement before set_init_state)
-        sim_env.reset()
+        if seed == OFFICIAL_SCENE:
+            self._restore_official_random_state(task_id, init_state_id)
+            self._reset_as_official(resets_before=init_state_id)
+            self._official_random_state = (task_id, init_state_id + 1, np.random.get_state())
+        else:
+            sim_env.seed(seed)  # LIBERO seeds numpy's global generator: the scene the reset draws
+            self._set_joint_sampler_copies(1)
+            sim_env.reset()
         if not self.hard_reset:
             # A soft reset keeps the gripper's internal command; a rebuilt model would start it at zero.
             gripper = sim_env.env.robots[0].gripper
@@ -271,6 +293,34 @@ class LiberoEnv:
         self._frame_gates = {}
         self._done = True
 
+    def _restore_official_random_state(self, task_id: int, trial: int) -> None:
+        """numpy's random state as the official evaluation has it before the reset of trial `trial` of `task_id`:
+        seeded with 0 on the task's env, then `trial` resets. Continues from the kept state when it is not past it."""
+        kept = self._official_random_state
+        if kept is not None and kept[0] == task_id and kept[1] <= trial:
+            resets_done = kept[1]
+            np.random.set_state(kept[2])
+        else:
+            resets_done = 0
+            self._sim_env.seed(0)
+        while resets_done < trial:
+            # The frame gates stay closed: a replayed reset renders nothing; only its random draws matter.
+            self._reset_as_official(resets_before=resets_done)
+            resets_done += 1
+            self.scene_replay_resets += 1
+
+    def _reset_as_official(self, resets_before: int) -> None:
+        """A reset that draws from numpy's random state what the official env's reset number `resets_before` + 1
+        draws: its list of joint samplers holds one set per model load, construction included (module docstring)."""
+        self._set_joint_sampler_copies(resets_before + 2)
+        self._sim_env.reset()
+
+    def _set_joint_sampler_copies(self, copies: int) -> None:
+        """LIBERO's joint samplers for articulated objects, `copies` sets of them for the coming reset. A hard reset's
+        model load appends one set itself, so it starts from one fewer."""
+        inner = self._sim_env.env
+        inner.object_property_initializers = list(self._joint_samplers) * (copies - 1 if self.hard_reset else copies)
+
     # --- introspection (tests, diagnostics) ---------------------------------------------------------------------
     @property
     def sim_env(self):
@@ -308,6 +358,8 @@ class LiberoEnv:
             horizon=max(ROBOSUITE_DEFAULT_HORIZON, self.num_steps_wait + self.max_steps + 1),
         )
         self._sim_task_id = task_id
+        # The joint samplers of one model load (the list LIBERO appends to at every load; see _reset_as_official)
+        self._joint_samplers = list(self._sim_env.env.object_property_initializers)
         self._install_frame_gates()
         return self._sim_env
 

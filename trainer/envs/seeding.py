@@ -4,11 +4,19 @@ Every stream is a pure function of a path of non-negative integers under the run
 SeedSequence: nearby paths give unrelated seeds, and resuming at episode N reproduces the seed a fresh run would have
 used for episode N. The first element of each path names the kind of stream, so episode seeds and iteration seeds
 can never coincide.
+
+Evaluation does not use derived seeds: it asks for OFFICIAL_SCENE, the scene of the official protocol (below).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+# Not a numpy seed (np.random.seed takes values below 2**32): a reset with this seed asks the env for the scene that the
+# official evaluation shows for that initial state. LIBERO: the official evaluation seeds one env per task with 0 once
+# and runs trial k after k earlier resets; everything the initial state does not pin down (fixtures such as cabinets
+# and stoves) is drawn from numpy's global random state during each reset (trainer/envs/libero.py rebuilds it).
+OFFICIAL_SCENE = 2**32
 
 _EPISODE_STREAM = 0
 _ITERATION_STREAM = 1

@@ -49,6 +49,7 @@ def _random_model(name: str, seed: int, device="cpu", benchmark_stats: bool = Fa
     config = preset(name)
     if benchmark_stats:  # random weights for benchmarks: identity bounds under every suite's key
         config.norm_stats = {**(config.norm_stats or {}), **_identity_norm_stats()}
+        config.norm_stats_source = "identity bounds for random weights"
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its final dtype: a 7B model built in fp32 first would need 30 GB
     try:
@@ -60,10 +61,11 @@ def _random_model(name: str, seed: int, device="cpu", benchmark_stats: bool = Fa
 
 
 def load_model_and_tokenizer(source: str, seed: int = 0, dtype: torch.dtype = torch.float32,
-                             device: str | torch.device = "cpu", family: str | None = None):
+                             device: str | torch.device = "cpu", family: str | None = None,
+                             num_images: int | None = None, stop_token: bool | None = None):
     """`source`: a tiny preset ("tiny", "tiny-oft": random init, seeded); "random:<preset>" (any preset with random
     weights, built directly on `device` — for benchmarks; its tokenizer is a synthetic one of the same vocabulary
-    size); or a local checkpoint directory."""
+    size); or a local checkpoint directory (`family`, `num_images`, `stop_token`: see trainer.models.loading)."""
     if source in ("tiny", "tiny-oft"):
         model, tokenizer = _random_model(source, seed)
         return model.to(device=device, dtype=dtype), tokenizer
@@ -75,7 +77,7 @@ def load_model_and_tokenizer(source: str, seed: int = 0, dtype: torch.dtype = to
             f"preset {source!r} has no weights here (no model hub): pass the local directory of the checkpoint "
             f"(config.json, *.safetensors, tokenizer files), 'random:{source}' for random weights (benchmarks), or "
             f"the 'tiny' / 'tiny-oft' presets")
-    model = load_vla(source, dtype=dtype, device=device, family=family)
+    model = load_vla(source, dtype=dtype, device=device, family=family, num_images=num_images, stop_token=stop_token)
     return model, load_tokenizer(source)
 
 

@@ -26,6 +26,12 @@ class OFTConfig:
     proprio_dim: int = 8
     chunk_size: int = 8
     use_l1_head: bool = True  # continuous actions from the MLPResNet head (greedy evaluation); RL uses the tokens
+    # </s> after the action slots, as OpenVLA-OFT trains and evaluates; RLinf's OFT port (and the checkpoints it
+    # RL-trains) leaves it out.
+    stop_token: bool = True
+    # Set once this trainer fine-tunes the model (RL on the action tokens; saved with exports): greedy evaluation
+    # then decodes the tokens it was trained on by default, not the L1 head of the release it started from.
+    trained_on_tokens: bool = False
 
 
 @dataclass
@@ -65,6 +71,9 @@ class VLAConfig:
     )
     model_type: str = "openvla"
     trainer: TrainerExtras = field(default_factory=TrainerExtras)
+    # Where norm_stats came from, for the model summary (not written to config.json): "config.json",
+    # "dataset_statistics.json" (which replaces config.json's, as the official loaders do), or a preset's own.
+    norm_stats_source: str = field(default="preset", compare=False)
 
     @property
     def image_size(self) -> int:
@@ -87,6 +96,7 @@ class VLAConfig:
 
     def to_json_dict(self) -> dict:
         data = asdict(self)
+        data.pop("norm_stats_source")
         data["architectures"] = ["OpenVLAForActionPrediction"]
         data["torch_dtype"] = "bfloat16"
         return data
@@ -98,7 +108,7 @@ class VLAConfig:
         extras = data.pop("trainer", None) or {}
         oft = extras.pop("oft", None)
         trainer = TrainerExtras(**extras, oft=OFTConfig(**oft) if oft else None)
-        kwargs = {k: v for k, v in data.items() if k in known and k != "trainer"}
+        kwargs = {k: v for k, v in data.items() if k in known and k not in ("trainer", "norm_stats_source")}
         config = cls(**kwargs, trainer=trainer)
         if config.trainer.family not in ("openvla", "oft"):
             raise ValueError(f"unknown model family {config.trainer.family!r}; expected 'openvla' or 'oft'")
@@ -114,7 +124,9 @@ class VLAConfig:
         path = Path(directory) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in checkpoint directory {directory}")
-        return cls.from_json_dict(json.loads(path.read_text()))
+        config = cls.from_json_dict(json.loads(path.read_text()))
+        config.norm_stats_source = "config.json"
+        return config
 
     def as_oft(self, oft: OFTConfig | None = None) -> VLAConfig:
         """The same backbone read as OpenVLA-OFT (OFT checkpoints keep openvla-7b's config.json)."""

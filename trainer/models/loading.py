@@ -5,6 +5,21 @@ A checkpoint directory holds ``config.json`` (with ``norm_stats``), ``model.safe
 checkpoints add the proprio projector and the L1 action head as separate files (OFT ships
 ``proprio_projector--{step}_checkpoint.pt`` / ``action_head--{step}_checkpoint.pt``; we write ``.safetensors``).
 
+Action statistics: a ``dataset_statistics.json`` in the directory replaces config.json's ``norm_stats``, as the
+official evaluation code does (fine-tuned releases keep openvla-7b's config.json, whose statistics know only the
+pre-training mixture, and carry the fine-tuning data's statistics in that file).
+
+Released OpenVLA-OFT directories say nothing about how they were trained (their config.json is openvla-7b's). A
+directory with OFT's component files loads as OFT by itself; one without them (an OFT fine-tune on the tokens) needs
+``family="oft"``. The layout is read from the files present (docs/fidelity.md, "released layouts"):
+- with OFT's ``action_head`` / ``proprio_projector`` files (moojink/openvla-7b-oft-finetuned-libero-*): the OFT
+  LIBERO configuration, two views (agentview + wrist), proprio and the L1 head;
+- with neither (OFT fine-tunes on the action tokens: SimpleVLA-RL's SFT checkpoints, RLinf's LoRA bases): OFT's
+  fine-tuning defaults, one view, no proprio, tokens;
+- the proprio projector is used only together with the action head: the official evaluation feeds proprio only on
+  the L1-head path.
+``num_images`` and ``stop_token`` override what cannot be read from the files.
+
 Full-size models are built on the meta device (no memory) and the tensors are streamed in one at a time, so loading
 OpenVLA-7B never holds two copies of the weights.
 """
@@ -22,11 +37,12 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from trainer.models.config import VLAConfig
+from trainer.models.config import OFTConfig, VLAConfig
 from trainer.models.openvla import OpenVLA
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+DATASET_STATISTICS_FILE = "dataset_statistics.json"
 COMPONENTS = ("proprio_projector", "action_head")  # OFT parts stored beside the VLA, as the OFT release does
 
 
@@ -133,23 +149,50 @@ def load_weights(model: OpenVLA, directory: str | Path, dtype: torch.dtype, devi
     return model
 
 
+def read_norm_stats(directory: Path, config: VLAConfig) -> tuple[dict | None, str]:
+    """The action / proprio statistics of a checkpoint and the file they came from (official precedence)."""
+    path = directory / DATASET_STATISTICS_FILE
+    if path.is_file():
+        return json.loads(path.read_text()), DATASET_STATISTICS_FILE
+    return config.norm_stats, "config.json"
+
+
+def _has_component(directory: Path, component: str) -> bool:
+    return (directory / f"{component}.safetensors").is_file() or any(directory.glob(f"{component}--*_checkpoint.pt"))
+
+
+def released_oft_config(config: VLAConfig, directory: Path, num_images: int | None = None) -> VLAConfig:
+    """openvla-7b's config.json of a released OFT directory, read as OpenVLA-OFT from the files present."""
+    has_head = _has_component(directory, "action_head")
+    has_proprio = _has_component(directory, "proprio_projector")
+    views = num_images if num_images is not None else (2 if has_head or has_proprio else 1)
+    return config.as_oft(OFTConfig(num_images=views, use_proprio=has_proprio and has_head, use_l1_head=has_head))
+
+
 def load_vla(directory: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-             family: str | None = None) -> OpenVLA:
+             family: str | None = None, num_images: int | None = None, stop_token: bool | None = None) -> OpenVLA:
     """Load a local checkpoint directory. `family` ("openvla" / "oft") overrides what config.json says, because the
-    released OFT checkpoints keep openvla-7b's config.json."""
+    released OFT checkpoints keep openvla-7b's config.json; `num_images` and `stop_token` override the OFT layout
+    (module docstring)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     config = VLAConfig.load(directory)
+    config.norm_stats, config.norm_stats_source = read_norm_stats(directory, config)
+    if family is None and not config.is_oft and any(_has_component(directory, c) for c in COMPONENTS):
+        family = "oft"  # OFT's head / projector files beside openvla-7b's config.json: the OFT release layout
     if family == "oft" and not config.is_oft:
-        config = config.as_oft()
-        has_proprio = any((directory / f).exists() for f in ("proprio_projector.safetensors",)) or any(
-            directory.glob("proprio_projector--*_checkpoint.pt"))
-        has_head = (directory / "action_head.safetensors").exists() or any(directory.glob("action_head--*_checkpoint.pt"))
-        config.trainer.oft.use_proprio = has_proprio
-        config.trainer.oft.use_l1_head = has_head
+        config = released_oft_config(config, directory, num_images)
     elif family == "openvla" and config.is_oft:
         raise CheckpointError(f"{directory} holds an OpenVLA-OFT model (config.json trainer.family = 'oft')")
+    if config.is_oft:
+        if num_images is not None:
+            config.trainer.oft.num_images = num_images
+        if stop_token is not None:
+            config.trainer.oft.stop_token = stop_token
+    elif num_images not in (None, 1) or stop_token is not None:
+        raise ValueError(f"{directory} is a standard OpenVLA model (one view, autoregressive): num_images and "
+                         f"stop_token apply to OpenVLA-OFT only; pass family='oft' for a released OFT directory")
     model = build_model(config, on_meta=True)
     return load_weights(model, directory, dtype=dtype, device=device)
 
@@ -179,6 +222,8 @@ def save_vla(model: OpenVLA, directory: str | Path, tokenizer=None, max_shard_si
         if part:
             save_file(part, str(directory / f"{component}.safetensors"), metadata={"format": "pt"})
     model.config.save(directory)
+    if model.config.norm_stats is not None:  # where the official loaders look first, too
+        (directory / DATASET_STATISTICS_FILE).write_text(json.dumps(model.config.norm_stats, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory

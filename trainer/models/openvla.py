@@ -152,6 +152,9 @@ class VLAOutput:
     next_position: torch.Tensor | None = None  # [B] position id of the next token (for decoding)
     values: torch.Tensor | None = None  # [B], filled by the policy's value head
     l1_actions: torch.Tensor | None = None  # [B, chunk, 7] normalised actions from OFT's L1 head, when asked for
+    # [B, n_positions, vocab] logits over the whole vocabulary (model dtype), when asked for: the official greedy
+    # decode takes its argmax there, not over the action ids only
+    vocab_logits: torch.Tensor | None = None
 
 
 class OpenVLA(nn.Module):
@@ -205,9 +208,11 @@ class OpenVLA(nn.Module):
 
     # --- pieces ---------------------------------------------------------------------------------------------------
 
-    def _action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, full_vocabulary: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits over the action ids (float32) and, when asked for, over the whole vocabulary (model dtype)."""
         logits = self.language_model.lm_head(hidden)
-        return logits[..., self.first_action_id: self.first_action_id + self.config.n_action_bins].float()
+        action_logits = logits[..., self.first_action_id: self.first_action_id + self.config.n_action_bins].float()
+        return action_logits, (logits if full_vocabulary else None)
 
     def _prefix_embeddings(self, pixel_values: torch.Tensor, proprio: torch.Tensor | None) -> torch.Tensor:
         """[BOS] + patches of every view (+ proprio token): [B, 1 + n_img·P (+1), H]."""
@@ -239,6 +244,7 @@ class OpenVLA(nn.Module):
         attention_mask: torch.Tensor | None = None,
         next_position: torch.Tensor | None = None,
         with_l1_actions: bool = False,
+        full_vocabulary: bool = False,
     ) -> VLAOutput:
         """Three calls, all through here:
 
@@ -246,16 +252,18 @@ class OpenVLA(nn.Module):
           BOS plus the space token, left-padded), ``proprio`` [B, 8] (OFT), and for OpenVLA optionally
           ``action_ids`` [B, 7] (teacher forcing: logits at the 7 positions that predict them);
         * a cached decoding step (OpenVLA): ``decode_ids`` [B, 1] with the cache, mask and position of the last call.
+
+        ``full_vocabulary`` adds the logits over the whole vocabulary (``vocab_logits``), for the official greedy decode.
         """
         if decode_ids is not None:
-            return self._decode_step(decode_ids, past_key_values, attention_mask, next_position)
+            return self._decode_step(decode_ids, past_key_values, attention_mask, next_position, full_vocabulary)
         prefix = self._prefix_embeddings(pixel_values, proprio)
         batch, prefix_len = prefix.shape[:2]
         embed = self.language_model.get_input_embeddings()
         text = embed(text_ids)
         mask = torch.cat([torch.ones(batch, prefix_len, dtype=text_mask.dtype, device=text_mask.device), text_mask], 1)
         if self.config.is_oft:
-            return self._forward_parallel(prefix, text, mask, with_l1_actions)
+            return self._forward_parallel(prefix, text, mask, with_l1_actions, full_vocabulary)
         parts, n_actions = [prefix, text], 0
         if action_ids is not None:
             parts.append(embed(action_ids))
@@ -271,33 +279,40 @@ class OpenVLA(nn.Module):
         # The hidden state at the space token predicts the first action; with teacher forcing, the next 6 as well.
         first = hidden.shape[1] - 1 - n_actions
         predicting = hidden[:, first: first + max(n_actions, 1)]
+        action_logits, vocab_logits = self._logits(predicting, full_vocabulary)
         return VLAOutput(
-            action_logits=self._action_logits(predicting),
+            action_logits=action_logits,
+            vocab_logits=vocab_logits,
             value_hidden=hidden[:, first],
             past_key_values=out.past_key_values if use_cache else None,
             attention_mask=mask,
             next_position=positions[:, -1] + 1,
         )
 
-    def _decode_step(self, ids, cache, mask, next_position) -> VLAOutput:
+    def _decode_step(self, ids, cache, mask, next_position, full_vocabulary: bool = False) -> VLAOutput:
         mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], dim=1)
         out = self.language_model.model(
             inputs_embeds=self.language_model.get_input_embeddings()(ids), attention_mask=mask,
             position_ids=next_position[:, None], past_key_values=cache, use_cache=True,
         )
+        action_logits, vocab_logits = self._logits(out.last_hidden_state, full_vocabulary)
         return VLAOutput(
-            action_logits=self._action_logits(out.last_hidden_state), value_hidden=None,
+            action_logits=action_logits, vocab_logits=vocab_logits, value_hidden=None,
             past_key_values=out.past_key_values, attention_mask=mask, next_position=next_position + 1,
         )
 
-    def _forward_parallel(self, prefix, text, mask, with_l1_actions: bool) -> VLAOutput:
-        """OFT: all action slots in one bidirectional forward; empty (zero) embeddings at the slots, then </s>."""
+    def _forward_parallel(self, prefix, text, mask, with_l1_actions: bool, full_vocabulary: bool) -> VLAOutput:
+        """OFT: all action slots in one bidirectional forward; empty (zero) embeddings at the slots, then </s> (left
+        out for checkpoints trained without it: RLinf's OFT port)."""
         batch, slots = prefix.shape[0], self.num_action_slots
         embed = self.language_model.get_input_embeddings()
-        stop = embed(torch.full((batch, 1), self.config.trainer.stop_token_id, device=prefix.device))
         empty_slots = torch.zeros(batch, slots, prefix.shape[-1], dtype=prefix.dtype, device=prefix.device)
-        inputs = self._language_model_inputs(torch.cat([prefix, text, empty_slots, stop], dim=1))
-        mask = torch.cat([mask, torch.ones(batch, slots + 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        parts = [prefix, text, empty_slots]
+        if self.config.trainer.oft.stop_token:
+            parts.append(embed(torch.full((batch, 1), self.config.trainer.stop_token_id, device=prefix.device)))
+        tail = len(parts) - 3  # tokens after the last slot
+        inputs = self._language_model_inputs(torch.cat(parts, dim=1))
+        mask = torch.cat([mask, torch.ones(batch, slots + tail, dtype=mask.dtype, device=mask.device)], dim=1)
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)
         # Bidirectional attention over every real token (OFT replaces the causal mask): additive 4-D mask, keys only.
         blocked = torch.finfo(inputs.dtype).min
@@ -308,14 +323,15 @@ class OpenVLA(nn.Module):
             inputs_embeds=inputs, attention_mask=bidirectional, position_ids=positions, use_cache=False
         ).last_hidden_state
         # Each slot is read from the state one position before it (next-token style): from the space token on.
-        end = hidden.shape[1] - 2  # exclusive: the last slot's own state is not used
+        end = hidden.shape[1] - 1 - tail  # exclusive: the last slot's own state is not used
         action_hidden = hidden[:, end - slots: end]
         l1_actions = None
         if with_l1_actions:
             if self.action_head is None:
                 raise ValueError("this model has no L1 action head (OFTConfig.use_l1_head is false)")
             l1_actions = self.action_head(action_hidden).float()
+        action_logits, vocab_logits = self._logits(action_hidden, full_vocabulary)
         return VLAOutput(
-            action_logits=self._action_logits(action_hidden), value_hidden=hidden[:, end - slots],
+            action_logits=action_logits, vocab_logits=vocab_logits, value_hidden=hidden[:, end - slots],
             action_hidden=action_hidden, l1_actions=l1_actions,
         )

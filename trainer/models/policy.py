@@ -8,6 +8,12 @@ Both calls are batched: one model call for the whole batch (standard OpenVLA: on
 steps; OpenVLA-OFT: one forward per 8-action chunk). The distribution is over the 256 action tokens at the given
 temperature, so rollout log-probs and update log-probs are the same function of the weights.
 
+Greedy decoding comes in two forms. Training's greedy steps (behaviour-cloning warm-up, epsilon-greedy hand-over)
+take the argmax over the 256 action ids, so that the update can recompute their log-probs. Evaluation asks for
+`official_greedy`: the argmax over the whole vocabulary, mapped to a bin as the official `predict_action` does (an id
+outside the action range clips to an end bin; a standard OpenVLA that emits </s> early ends its generation there, as
+HF generate does). The two differ only where the top token is not an action token.
+
 `act` / `evaluate` take an optional `model`: the DDP / FSDP / DeepSpeed wrapped module whose forward is this
 policy's forward. Wrappers only ever see `forward` calls.
 """
@@ -91,8 +97,11 @@ class PolicyInputs:
 @dataclass
 class ActResult:
     env_actions: np.ndarray  # [B, chunk, 7] in env units (chunk = 1 for OpenVLA, 8 for OFT)
-    token_ids: torch.Tensor  # long [B, n_tokens] (7 or 56)
-    log_probs: torch.Tensor  # float [B, n_tokens] at the sampling temperature
+    # long [B, n_tokens] (7 or 56); with official_greedy they may include non-action ids (evaluation only)
+    token_ids: torch.Tensor
+    # float [B, n_tokens] at the sampling temperature: under the 256-way action distribution, or under the
+    # whole-vocabulary softmax for official greedy steps
+    log_probs: torch.Tensor
     values: torch.Tensor | None  # float [B] (with a value head)
     normalized_actions: np.ndarray = field(default=None)  # [B, chunk, 7] in [-1, 1], before un-normalisation
 
@@ -133,6 +142,12 @@ def mixed_precision_adapters(vla: nn.Module, compute_dtype: torch.dtype) -> torc
     return compute_dtype
 
 
+def _has_lora(model: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
 def _all_mergeable(layers: list[nn.Module], model: nn.Module) -> bool:
     """Whether these LoRA layers' adapters can all be folded into their base weights without loss: every base is a
     plain nn.Linear (not a subclass such as bitsandbytes' Linear8bitLt) whose weight no other module uses."""
@@ -151,6 +166,7 @@ class VLAPolicy(nn.Module):
         self.env = env
         self.action_tokenizer = ActionTokenizer(self.config.base_vocab_size, self.config.n_action_bins)
         self.unnorm_key, stats = select_norm_stats(self.config.norm_stats, env.unnorm_key)
+        self.requested_unnorm_key = env.unnorm_key
         self.action_stats = stats["action"]
         self.proprio_stats = stats.get("proprio")
         if self.config.is_oft and self.config.trainer.oft.use_proprio and self.proprio_stats is None:
@@ -159,6 +175,50 @@ class VLAPolicy(nn.Module):
         self.value_head = ValueHead(self.config.text_config.get("hidden_size", 4096)) if value_head else None
         self._prompt_cache: dict[str, list[int]] = {}
         self.adapter_compute_dtype = mixed_precision_adapters(vla, self.compute_dtype)
+        if self.config.is_oft and _has_lora(vla):
+            # Built for fine-tuning here (RL on the action tokens); kept in the config so that exports say so too.
+            self.config.trainer.oft.trained_on_tokens = True
+
+    # --- what this policy is (printed by training and in evaluation reports) ------------------------------------
+
+    @property
+    def eval_uses_l1_head(self) -> bool:
+        """How greedy evaluation decodes an OFT model by default: with the L1 head when the checkpoint has one and was
+        released that way (the official OpenVLA-OFT LIBERO evaluation), with the action tokens for a policy trained
+        here on them (evaluated as it was trained)."""
+        oft = self.config.trainer.oft
+        return self.config.is_oft and oft.use_l1_head and not oft.trained_on_tokens
+
+    def describe_actions(self, greedy: bool, use_l1_head: bool, temperature: float = 1.0) -> str:
+        if use_l1_head:
+            return "L1 regression head (the official OpenVLA-OFT LIBERO evaluation)"
+        if greedy:
+            return "action tokens, argmax over the whole vocabulary (the official decode)"
+        return f"action tokens sampled at temperature {temperature:g} over the {self.config.n_action_bins} action ids"
+
+    def describe_norm_stats(self) -> str:
+        requested = self.requested_unnorm_key
+        if requested is None:
+            how = "the checkpoint's only dataset"
+        elif requested != self.unnorm_key:
+            how = f"for {requested!r}: the official <suite>_no_noops fallback"
+        else:
+            how = "as requested"
+        return f"{self.unnorm_key!r} ({how}), from {self.config.norm_stats_source}"
+
+    def summary(self) -> str:
+        """Lines for logs: the model's inputs and outputs, where its action statistics come from, how it decodes."""
+        config = self.config
+        if config.is_oft:
+            oft = config.trainer.oft
+            inputs = f"{oft.num_images} view(s)" + (", proprio" if oft.use_proprio else "")
+            outputs = f"{oft.chunk_size}-action chunks" + (", L1 head" if oft.use_l1_head else "")
+            family = f"OpenVLA-OFT ({inputs}; {outputs}{'' if oft.stop_token else '; no </s> after the slots'})"
+        else:
+            family = "OpenVLA (one view, 7 tokens decoded one by one)"
+        greedy = self.describe_actions(True, self.eval_uses_l1_head)
+        return "\n".join([f"model: {family}", f"norm stats: {self.describe_norm_stats()}",
+                          f"greedy evaluation: {greedy}", f"sampling: over the {config.n_action_bins} action ids"])
 
     @property
     def base_model(self) -> OpenVLA:
@@ -279,61 +339,94 @@ class VLAPolicy(nn.Module):
 
     # --- acting -----------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _choose(logits: torch.Tensor, greedy, temperature: float, generator=None):
-        """Sample (or argmax) per position over the action vocabulary; returns local indices and log-probs."""
-        scaled = logits / temperature
+    def _choose(self, action_logits: torch.Tensor, greedy, temperature: float, generator=None,
+                vocab_logits: torch.Tensor | None = None):
+        """Token ids and their log-probs per position. Sampled steps draw from the action ids at `temperature`; greedy
+        steps take the argmax over the action ids, or with `vocab_logits` (official greedy) over the whole vocabulary,
+        with the log-prob under the whole-vocabulary softmax."""
+        scaled = action_logits / temperature
         log_probs = torch.log_softmax(scaled, dim=-1)
         flat = log_probs.reshape(-1, log_probs.shape[-1])
         # Sampled on the CPU with the caller's (CPU) generator: the same draws on any device, and a few kB to move.
-        sampled = torch.multinomial(flat.exp().float().cpu(), 1, generator=generator).to(logits.device)
+        sampled = torch.multinomial(flat.exp().float().cpu(), 1, generator=generator).to(action_logits.device)
         sampled = sampled.reshape(log_probs.shape[:-1])
         argmax = log_probs.argmax(-1)
-        greedy_mask = torch.as_tensor(greedy, device=logits.device, dtype=torch.bool)
+        greedy_mask = torch.as_tensor(greedy, device=action_logits.device, dtype=torch.bool)
         if greedy_mask.ndim == 1:  # per-sample choice (epsilon-greedy hand-over)
             greedy_mask = greedy_mask.view(-1, *([1] * (argmax.ndim - 1)))
         choice = torch.where(greedy_mask, argmax, sampled)
-        return choice, log_probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        token_ids = self.action_tokenizer.local_to_token_ids(choice)
+        chosen_log_probs = log_probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        if vocab_logits is not None:
+            vocab_log_probs = torch.log_softmax(vocab_logits.float() / temperature, dim=-1)
+            vocab_argmax = vocab_log_probs.argmax(-1)
+            token_ids = torch.where(greedy_mask, vocab_argmax, token_ids)
+            vocab_chosen = vocab_log_probs.gather(-1, vocab_argmax.unsqueeze(-1)).squeeze(-1)
+            chosen_log_probs = torch.where(greedy_mask, vocab_chosen, chosen_log_probs)
+        return token_ids, chosen_log_probs
 
     @torch.no_grad()
     def act(self, inputs: PolicyInputs, greedy=False, temperature: float = 1.0, model: nn.Module | None = None,
-            use_l1_head: bool = False, generator: torch.Generator | None = None) -> ActResult:
-        """Actions for a batch. `greedy` is a bool or a bool tensor [B] (per-sample greedy, for epsilon-greedy)."""
+            use_l1_head: bool = False, generator: torch.Generator | None = None,
+            official_greedy: bool = False) -> ActResult:
+        """Actions for a batch. `greedy` is a bool or a bool tensor [B] (per-sample greedy, for epsilon-greedy).
+
+        `official_greedy`: greedy steps decode as the official code (argmax over the whole vocabulary; module
+        docstring). For evaluation: the token ids it returns may lie outside the action range, which the update
+        cannot train on.
+        """
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
         was_training = self.training
         self.eval()  # no dropout, and the KV cache stays on (transformers drops it under gradient checkpointing)
         try:
             with self.adapters_in_base_dtype():
-                return self._act(inputs, greedy, temperature, model or self, use_l1_head, generator)
+                full_vocabulary = official_greedy and not use_l1_head and bool(torch.as_tensor(greedy).any())
+                return self._act(inputs, greedy, temperature, model or self, use_l1_head, generator, full_vocabulary)
         finally:
             self.train(was_training)
 
-    def _act(self, inputs, greedy, temperature, model, use_l1_head, generator) -> ActResult:
+    def _act(self, inputs, greedy, temperature, model, use_l1_head, generator, full_vocabulary) -> ActResult:
         inputs = inputs.to(self.device)
         if self.config.is_oft:
-            out = model(inputs, with_l1_actions=use_l1_head)
-            local, log_probs = self._choose(out.action_logits, greedy, temperature, generator)
+            out = model(inputs, with_l1_actions=use_l1_head, full_vocabulary=full_vocabulary)
+            token_ids, log_probs = self._choose(out.action_logits, greedy, temperature, generator, out.vocab_logits)
         else:
-            out = model(inputs, use_cache=True)
-            local_steps, log_prob_steps = [], []
+            out = model(inputs, use_cache=True, full_vocabulary=full_vocabulary)
+            token_steps, log_prob_steps = [], []
             step = out
             for index in range(self.config.trainer.action_dim):
-                choice, log_prob = self._choose(step.action_logits[:, -1], greedy, temperature, generator)
-                local_steps.append(choice)
+                vocab_logits = None if step.vocab_logits is None else step.vocab_logits[:, -1]
+                ids, log_prob = self._choose(step.action_logits[:, -1], greedy, temperature, generator, vocab_logits)
+                token_steps.append(ids)
                 log_prob_steps.append(log_prob)
                 if index + 1 < self.config.trainer.action_dim:
-                    step = model(decode_ids=self.action_tokenizer.local_to_token_ids(choice)[:, None],
-                                 past_key_values=step.past_key_values, attention_mask=step.attention_mask,
-                                 next_position=step.next_position)
-            local, log_probs = torch.stack(local_steps, 1), torch.stack(log_prob_steps, 1)
-        token_ids = self.action_tokenizer.local_to_token_ids(local)
+                    step = model(decode_ids=ids[:, None], past_key_values=step.past_key_values,
+                                 attention_mask=step.attention_mask, next_position=step.next_position,
+                                 full_vocabulary=full_vocabulary)
+            token_ids, log_probs = torch.stack(token_steps, 1), torch.stack(log_prob_steps, 1)
+            if full_vocabulary:
+                token_ids, log_probs = self._end_at_stop_token(token_ids, log_probs, inputs.text_ids)
         if use_l1_head:
             normalized = out.l1_actions.cpu().numpy()
         else:
             normalized = self.action_tokenizer.decode(token_ids).reshape(len(inputs), self.chunk_size, -1)
         return ActResult(self.to_env_actions(normalized), token_ids, log_probs.float(), out.values,
                          normalized_actions=normalized)
+
+    def _end_at_stop_token(self, token_ids: torch.Tensor, log_probs: torch.Tensor, text_ids: torch.Tensor):
+        """What the official predict_action decodes when generation emits </s> before the 7th token: HF generate stops
+        there, and the last 7 ids of the sequence are taken, so the end of the prompt fills the front (log-prob 0)."""
+        stop = token_ids == self.config.trainer.stop_token_id
+        if not stop.any():
+            return token_ids, log_probs
+        token_ids, log_probs = token_ids.clone(), log_probs.clone()
+        n = token_ids.shape[1]
+        for row in torch.nonzero(stop.any(1)).flatten().tolist():
+            generated = int(torch.nonzero(stop[row])[0]) + 1  # tokens up to and including </s>
+            token_ids[row] = torch.cat([text_ids[row, text_ids.shape[1] - (n - generated):], token_ids[row, :generated]])
+            log_probs[row] = torch.cat([log_probs.new_zeros(n - generated), log_probs[row, :generated]])
+        return token_ids, log_probs
 
     def to_env_actions(self, normalized: np.ndarray) -> np.ndarray:
         range_eps = 1e-8 if self.config.is_oft else 0.0
