@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +44,8 @@ CONSOLE_KEYS = [
 THIRD_PARTY_NOISE = [
     # bitsandbytes' optional CPU 4-bit kernel (we use 8-bit only), logged when peft imports bitsandbytes
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+    # bitsandbytes' int8 matmul computes in float16 and logs so at every call (784 lines per toy iteration on the CPU)
+    ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast"),
     # robosuite without a private macro file (the defaults are what LIBERO expects), three lines per import
     ("robosuite_logs", "No private macro file found"),
     ("robosuite_logs", "It is recommended to use a private macro file"),
@@ -71,9 +72,7 @@ def silence_third_party_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(prefixes))
-    # bitsandbytes' int8 matmul computes in float16 and says so at every call (hundreds per iteration on the CPU: any
-    # warnings.catch_warnings elsewhere resets Python's once-per-place memory); nothing to act on.
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
+
 
 
 class _NoProgress:
