@@ -291,7 +291,8 @@ class TrainState:
 
 
 class StopRequested:
-    """SIGTERM / SIGINT set a flag; the loop checks it at safe points, saves and exits cleanly."""
+    """SIGTERM / SIGINT set a flag; the loop checks it at safe points and before every micro-batch of the update
+    (a launcher SIGKILLs its ranks soon after SIGTERM: docs/reliability.md), saves and exits cleanly."""
 
     def __init__(self):
         self.requested = False
