@@ -11,6 +11,7 @@
         rng-rank{r}.json            python / numpy / torch RNG state of every rank
         trainer_state.json          counters, skip reasons
         config.yaml
+        manifest.json               size and SHA-256 of every file above, written last: resume verifies it
     <output_dir>/checkpoints/latest  the name of the newest complete checkpoint
 
 Every backend writes the same files through its engine (`Engine.trainable_state`, `Engine.optimizer_state`: full
@@ -19,16 +20,25 @@ optimizer files: the optimizer's own state dict, keyed by position in build_opti
 load, translated to names by that order.
 
 A checkpoint is written into a temporary folder and renamed into place, and `latest` is replaced atomically, so a
-crash mid-save never leaves a half-written checkpoint that resume would pick.
+crash mid-save never leaves a half-written checkpoint that resume would pick. Re-saving an iteration that exists
+moves the old folder aside (`.iter-N.old`) before the new one is renamed in, and removes it only after; a kill
+between the steps leaves either folder complete, and `latest_checkpoint` takes the aside copy back. Resume checks
+each file against the manifest; when the newest checkpoint is missing or damaged it falls back to the newest complete
+one and says which (see docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import base64
+import errno
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +46,7 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from trainer.config import ConfigError
 from trainer.engine import Engine
 from trainer.models import save_vla
 
@@ -44,6 +55,18 @@ LATEST = "latest"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_GROUPS = "optimizer.json"
 OLD_OPTIMIZER = "optimizer.pt"  # earlier versions, single process and DDP: keyed by position
+MANIFEST = "manifest.json"
+CHECKPOINT_NAME = re.compile(r"iter-(\d{6,})")
+LOW_DISK_BYTES = 64 * 2**20  # a write that fails with less free space than this is reported as a full disk
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used (missing, damaged, or of other settings); the message names the file and
+    what to do. A user error: the command line prints it without a traceback."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """`latest` names a checkpoint that is not there, and no other complete checkpoint exists."""
 
 
 # --- save ------------------------------------------------------------------------------------------------------------
@@ -61,24 +84,80 @@ def save_checkpoint(output_dir, engine: Engine, scheduler, state: dict, config_t
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
-    (staging / f"rng-rank{dist.rank}.json").write_text(json.dumps(_rng_state()))
-    trainable = engine.trainable_state()
-    optimizer_state = engine.optimizer_state()
-    if dist.is_main:
-        _write_trainable(staging, engine.policy, trainable)
-        _write_optimizer(staging, optimizer_state)
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        if config_text is not None:
-            (staging / "config.yaml").write_text(config_text)
+    try:
+        (staging / f"rng-rank{dist.rank}.json").write_text(json.dumps(_rng_state()))
+        trainable = engine.trainable_state()
+        optimizer_state = engine.optimizer_state()
+        if dist.is_main:
+            _write_trainable(staging, engine.policy, trainable)
+            _write_optimizer(staging, optimizer_state)
+            torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+            (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            if config_text is not None:
+                (staging / "config.yaml").write_text(config_text)
+    except (OSError, RuntimeError) as error:
+        if _disk_full(error, root):
+            raise CheckpointError(
+                f"no space left on the device of {root} while writing checkpoint {name} ({error}); free some space "
+                f"and start the same command again: it resumes from {_latest_name(root) or 'the start'}") from error
+        raise
     dist.barrier()
     if dist.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        _write_manifest(staging)
+        _replace_folder(staging, final)
         _atomic_write_text(root / LATEST, name)
+        shutil.rmtree(_aside(final), ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def _replace_folder(staging: Path, final: Path) -> None:
+    """Rename staging to final. An existing final is first renamed aside (removed by the caller once `latest` is
+    written): at every moment one complete copy is in place or aside, never a half-deleted folder."""
+    aside = _aside(final)
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    os.replace(staging, final)
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    _atomic_write_text(folder / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    """ENOSPC anywhere in the chain, or a failed write with (almost) no free space left: torch.save then reports
+    only "unexpected pos ..." and safetensors an I/O error."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free < LOW_DISK_BYTES
+    except OSError:
+        return False
+
+
+def _latest_name(root: Path) -> str | None:
+    try:
+        return (root / LATEST).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _write_trainable(staging: Path, policy, trainable: dict[str, torch.Tensor]) -> None:
@@ -86,7 +165,7 @@ def _write_trainable(staging: Path, policy, trainable: dict[str, torch.Tensor]) 
     extra = trainable
     if _is_peft(policy.vla):
         vla = {name[len("vla."):]: t for name, t in trainable.items() if name.startswith("vla.")}
-        adapter = get_peft_model_state_dict(policy.vla, state_dict=vla)
+        adapter = _peft_state_dict(policy.vla, vla)
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(staging / "adapter_model.safetensors"))
         policy.vla.peft_config["default"].save_pretrained(str(staging))
         extra = {name: t for name, t in trainable.items() if not name.startswith("vla.")}
@@ -118,67 +197,196 @@ def _write_optimizer(staging: Path, optimizer_state: dict) -> None:
 # --- load ------------------------------------------------------------------------------------------------------------
 
 
-def latest_checkpoint(output_dir) -> Path | None:
-    pointer = Path(output_dir) / CHECKPOINTS / LATEST
+def latest_checkpoint(output_dir, report=None) -> Path | None:
+    """The checkpoint `latest` names, checked against its manifest; None when the run has no `latest`.
+
+    When the folder `latest` names is missing or damaged, the newest complete checkpoint is used instead and `report`
+    (default: print to stderr) gets a message naming both; with none complete, a CheckpointError says what to do."""
+    root = Path(output_dir) / CHECKPOINTS
+    pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist: the checkpoint folder was "
-                                f"removed; delete {pointer} to start over")
-    return path
+    name = _latest_name(root) or ""
+    named = root / name
+    problem = checkpoint_problem(named) if CHECKPOINT_NAME.fullmatch(name) else (
+        f"that is not a checkpoint name (iter-NNNNNN)" if name else "it is empty")
+    if problem is None:
+        return named
+    aside = _aside(named)
+    if CHECKPOINT_NAME.fullmatch(name) and not named.exists() and aside.is_dir() and checkpoint_problem(aside) is None:
+        return aside  # a re-save of this iteration was interrupted between its renames: the previous copy is whole
+    fallback = next((folder for folder in _checkpoint_folders(root)
+                     if folder.name != name and checkpoint_problem(folder) is None), None)
+    if fallback is None:
+        error = MissingCheckpointError if not named.is_dir() else CheckpointError
+        raise error(f"{pointer} names {name!r}, but {problem}, and {root} holds no other complete "
+                              f"checkpoint; to start over, remove {root} (or choose another train.output_dir)")
+    (report or _print_stderr)(f"{pointer} names {name!r}, but {problem}; using {fallback.name}, the newest complete "
+                              "checkpoint")
+    return fallback
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None when every file matches its manifest (size and SHA-256).
+    Checkpoints written before manifests existed pass unchecked."""
+    if not folder.is_dir():
+        return f"{folder.name} does not exist"
+    manifest_file = folder / MANIFEST
+    if not manifest_file.is_file():
+        return None if (folder / "trainer_state.json").is_file() else f"{folder.name} is incomplete (no {MANIFEST})"
+    try:
+        files = json.loads(manifest_file.read_text())["files"]
+    except (ValueError, KeyError, TypeError, OSError) as error:
+        return f"{manifest_file} is damaged ({error})"
+    for file_name, expected in files.items():
+        path = folder / file_name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{path} has {size} bytes where {expected['bytes']} were written (truncated or overwritten)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{path} does not match the SHA-256 written with it (the file changed on disk)"
+    return None
+
+
+def verify_checkpoint(folder) -> Path:
+    """The folder, when it is a complete checkpoint; else a CheckpointError naming the damaged file."""
+    folder = Path(folder)
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {folder} cannot be used: {problem}; use another checkpoint of the run "
+                              f"(the folders in {folder.parent})")
+    return folder
+
+
+def _checkpoint_folders(root: Path) -> list[Path]:
+    """iter-NNNNNN folders, newest first."""
+    folders = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name)] if root.is_dir() else []
+    return sorted(folders, key=lambda p: int(p.name[len("iter-"):]), reverse=True)
+
+
+def _print_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def load_checkpoint(path, engine: Engine, scheduler=None) -> dict:
     """Resume: weights, optimizer state, scheduler and this rank's RNG; returns the trainer state (counters)."""
-    path = Path(path)
+    return _load_checkpoint(verify_checkpoint(path), engine, scheduler)
+
+
+def _load_checkpoint(path: Path, engine: Engine, scheduler) -> dict:
     engine.load_trainable_state(read_trainable(path, engine.policy))
     engine.load_optimizer_state(read_optimizer(path, engine.param_group_names))
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+        with _reading(path / "scheduler.pt"):
+            scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     rng_file = path / f"rng-rank{engine.dist.rank}.json"
     if rng_file.is_file():  # absent when resuming on more ranks than saved: streams derive from seeds anyway
-        _set_rng_state(json.loads(rng_file.read_text()))
-    return json.loads((path / "trainer_state.json").read_text())
+        with _reading(rng_file):
+            _set_rng_state(json.loads(rng_file.read_text()))
+    return _trainer_state(path)
 
 
 def load_latest_checkpoint(output_dir, engine: Engine, scheduler) -> dict | None:
-    path = latest_checkpoint(output_dir)
-    return None if path is None else load_checkpoint(path, engine, scheduler)
+    report = _print_stderr if engine.dist.is_main else (lambda message: None)
+    path = latest_checkpoint(output_dir, report)
+    return None if path is None else _load_checkpoint(path, engine, scheduler)
 
 
 def load_weights(path, policy) -> dict:
     """Only the trainable weights, into a policy as built (not wrapped by a backend): evaluation and export.
     Returns the checkpoint's trainer state."""
-    path = Path(path)
+    path = verify_checkpoint(path)
     tensors = read_trainable(path, policy)
     params = dict(policy.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
-    return json.loads((path / "trainer_state.json").read_text())
+    return _trainer_state(path)
+
+
+def _trainer_state(path: Path) -> dict:
+    with _reading(path / "trainer_state.json"):
+        return json.loads((path / "trainer_state.json").read_text())
+
+
+class _reading:
+    """Turns a library's error while reading a checkpoint file (a truncated safetensors or pickle, bad JSON) into a
+    CheckpointError that names the file and what to do."""
+
+    def __init__(self, file: Path):
+        self.file = file
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is None or isinstance(error, CheckpointError) or not isinstance(error, Exception):
+            return False
+        folder = self.file.parent
+        raise CheckpointError(
+            f"{self.file} cannot be read ({type(error).__name__}: {str(error).strip()[:200]}): the file is damaged or "
+            f"incomplete; remove {folder} and start the same command again (resume then uses the newest complete "
+            f"checkpoint before it)") from error
+
+
+def _saved_lora(path: Path) -> str:
+    """The lora section of a checkpoint's config.yaml, for messages ("" when unreadable)."""
+    try:
+        import yaml
+
+        lora = yaml.safe_load((path / "config.yaml").read_text()).get("lora", {})
+        return ", ".join(f"{key} {value}" for key, value in lora.items())
+    except Exception:  # noqa: BLE001 -- only a hint in an error message
+        return ""
 
 
 def read_trainable(path: Path, policy) -> dict[str, torch.Tensor]:
-    """Trainable weights of a checkpoint (adapter + trainable.safetensors), keyed by the policy's parameter names."""
+    """Trainable weights of a checkpoint (adapter + trainable.safetensors), keyed by the policy's parameter names;
+    refused (CheckpointError) when a tensor is not finite or its shape is not the parameter's."""
     tensors = {}
+    params = dict(policy.named_parameters())
     if _is_peft(policy.vla):
         adapter_file = path / "adapter_model.safetensors"
         if not adapter_file.is_file():
-            raise FileNotFoundError(f"{adapter_file} is missing: this checkpoint was saved without LoRA adapters")
-        adapter = load_file(str(adapter_file), device="cpu")
+            saved = _saved_lora(path)
+            if "enabled False" in saved:
+                raise CheckpointError(f"{path} was saved without LoRA adapters (its config.yaml: lora.enabled "
+                                      "false); load it with --lora.enabled false")
+            raise CheckpointError(f"{adapter_file} is missing (the checkpoint is incomplete); remove {path} and "
+                                  "resume from the checkpoint before it")
+        with _reading(adapter_file):
+            adapter = load_file(str(adapter_file), device="cpu")
         names = _adapter_names(policy)
         unexpected = sorted(set(adapter) - set(names))
         if unexpected:
-            raise ValueError(f"adapter in {path} has tensors this model does not: {unexpected[:10]}")
-        tensors.update({names[key]: value for key, value in adapter.items()})
+            raise CheckpointError(f"{adapter_file} has tensors this model does not: {unexpected[:5]}; it was saved "
+                                  f"with other LoRA settings ({_saved_lora(path)}): use the same ones")
+        tensors.update(_checked(adapter_file, {names[key]: value for key, value in adapter.items()}, params, path))
     extra_file = path / "trainable.safetensors"
     if extra_file.is_file():
-        extra = load_file(str(extra_file), device="cpu")
-        unexpected = sorted(set(extra) - {name for name, _ in policy.named_parameters()})
+        with _reading(extra_file):
+            extra = load_file(str(extra_file), device="cpu")
+        unexpected = sorted(set(extra) - set(params))
         if unexpected:
-            raise ValueError(f"{extra_file} has tensors this model does not: {unexpected[:10]}")
-        tensors.update(extra)
+            raise CheckpointError(f"{extra_file} has tensors this model does not: {unexpected[:5]}; it was saved "
+                                  "with other settings (algo.name: a value head; model): use its config.yaml's")
+        tensors.update(_checked(extra_file, extra, params, path))
+    return tensors
+
+
+def _checked(file: Path, tensors: dict[str, torch.Tensor], params: dict, path: Path) -> dict[str, torch.Tensor]:
+    for name, value in tensors.items():
+        expected = tuple(params[name].shape)
+        if tuple(value.shape) != expected:
+            raise CheckpointError(
+                f"{file}: {name} has shape {list(value.shape)} but this run's parameter has {list(expected)}: the "
+                f"checkpoint was saved with other LoRA or model settings (its config.yaml: lora: {_saved_lora(path)}); "
+                "resume or load it with those settings, or give this run another train.output_dir")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{file}: {name} holds inf or nan values: the file is damaged or was saved by a run "
+                                  f"that diverged; remove {path} and use the checkpoint before it")
     return tensors
 
 
@@ -186,11 +394,14 @@ def read_optimizer(path: Path, param_group_names: list[list[str]]) -> dict:
     """The checkpoint's optimizer state keyed by parameter name; an old optimizer.pt is translated by position
     (param_group_names: this run's parameter names per param group, in build_optimizer's order)."""
     if (path / OPTIMIZER_TENSORS).is_file():
-        return _read_optimizer_by_name(path)
+        with _reading(path / OPTIMIZER_TENSORS):
+            return _read_optimizer_by_name(path)
     if (path / OLD_OPTIMIZER).is_file():
-        return _optimizer_by_name(torch.load(path / OLD_OPTIMIZER, map_location="cpu", weights_only=True),
-                                  param_group_names, path / OLD_OPTIMIZER)
-    raise FileNotFoundError(f"{path} has neither {OPTIMIZER_TENSORS} nor {OLD_OPTIMIZER}: not a complete checkpoint")
+        with _reading(path / OLD_OPTIMIZER):
+            indexed = torch.load(path / OLD_OPTIMIZER, map_location="cpu", weights_only=True)
+        return _optimizer_by_name(indexed, param_group_names, path / OLD_OPTIMIZER)
+    raise CheckpointError(f"{path} has neither {OPTIMIZER_TENSORS} nor {OLD_OPTIMIZER}: not a complete checkpoint; "
+                          "remove it and resume from the checkpoint before it")
 
 
 def _read_optimizer_by_name(path: Path) -> dict:
@@ -220,7 +431,7 @@ def _optimizer_by_name(indexed: dict, param_group_names: list[list[str]], source
     """A torch optimizer state dict (parameters numbered in param-group order) keyed by parameter name."""
     sizes = [len(group["params"]) for group in indexed["param_groups"]]
     if sizes != [len(names) for names in param_group_names]:
-        raise ValueError(f"{source} holds {sizes} parameters per param group but this run optimizes "
+        raise CheckpointError(f"{source} holds {sizes} parameters per param group but this run optimizes "
                          f"{[len(names) for names in param_group_names]}: it was saved by a run with other trainable "
                          "parameters (LoRA targets or rank, algorithm, model)")
     order = [name for names in param_group_names for name in names]
@@ -245,12 +456,22 @@ def _is_peft(module) -> bool:
     return hasattr(module, "peft_config")
 
 
+def _peft_state_dict(vla, state_dict: dict) -> dict:
+    """PEFT's adapter naming of `state_dict`. PEFT warns at every call that it saves a targeted lm_head ("Setting
+    `save_embedding_layers` to `True`", then "Could not identify embedding layer(s)"): nothing a user can act on,
+    and the adapter tensors are the same either way; silenced here, at the call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers`")
+        warnings.filterwarnings("ignore", message="Could not identify embedding layer")
+        return get_peft_model_state_dict(vla, state_dict=state_dict)
+
+
 def _adapter_names(policy) -> dict[str, str]:
     """PEFT adapter-file key -> parameter name in the policy, from PEFT's own renaming (get_peft_model_state_dict
     keeps the tensor objects it is given, so distinct placeholders identify every key)."""
     placeholders = {name: torch.empty(0) for name, _ in policy.vla.named_parameters()}
     owner = {id(t): name for name, t in placeholders.items()}
-    renamed = get_peft_model_state_dict(policy.vla, state_dict=placeholders)
+    renamed = _peft_state_dict(policy.vla, placeholders)
     return {key: "vla." + owner[id(t)] for key, t in renamed.items()}
 
 
@@ -289,6 +510,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["CHECKPOINTS", "LATEST", "OLD_OPTIMIZER", "OPTIMIZER_GROUPS", "OPTIMIZER_TENSORS", "latest_checkpoint",
-           "load_checkpoint", "load_latest_checkpoint", "load_weights", "read_optimizer", "read_trainable",
-           "save_checkpoint", "save_merged_model"]
+__all__ = ["CHECKPOINTS", "LATEST", "MANIFEST", "OLD_OPTIMIZER", "OPTIMIZER_GROUPS", "OPTIMIZER_TENSORS",
+           "CheckpointError", "MissingCheckpointError", "checkpoint_problem", "latest_checkpoint", "load_checkpoint",
+           "load_latest_checkpoint", "load_weights", "read_optimizer", "read_trainable", "save_checkpoint",
+           "save_merged_model", "verify_checkpoint"]

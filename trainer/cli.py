@@ -17,6 +17,7 @@ import functools
 import json
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from trainer import bench, train
 from trainer.build import QuantMode, init_states_per_task, make_env_pool
-from trainer.checkpoint import latest_checkpoint, load_weights, save_merged_model
+from trainer.checkpoint import MissingCheckpointError, latest_checkpoint, load_weights, save_merged_model
 from trainer.config import Choice, ConfigError, check, load
 from trainer.dist import Dist, stop_watching_peers, wait_for_lost_peer
 from trainer.envs.toy import ToyReachEnv
@@ -103,7 +104,8 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     if options.run_dir is not None:
         checkpoint = latest_checkpoint(options.run_dir)
         if checkpoint is None:
-            raise FileNotFoundError(f"no checkpoint in {options.run_dir}/checkpoints")
+            raise MissingCheckpointError(f"no checkpoint in {options.run_dir}/checkpoints (no `latest` there): give "
+                                         "--eval.run_dir a run's train.output_dir that has saved one")
     dist = Dist.create(config.dist)
     policy = train.build_run_policy(config, dist)
     if checkpoint is not None:
@@ -151,7 +153,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = train.load_config(["--config", str(run_dir / "config.yaml")])
     checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir)
     if checkpoint is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
+        raise MissingCheckpointError(f"no checkpoint in {run_dir}/checkpoints (no `latest` there): give --run-dir a "
+                                     "run's train.output_dir that has saved one, or --checkpoint a checkpoint folder")
     config.quant.mode = QuantMode.NONE  # merging needs full-precision base weights
     policy = train.build_run_policy(config, Dist.create())
     load_weights(checkpoint, policy)
@@ -196,7 +199,8 @@ def cmd_act(args: argparse.Namespace) -> int:
     result = policy.act(inputs, greedy=True)
     elapsed = time.perf_counter() - start
     np.set_printoptions(precision=3, suppress=True)
-    print(f"model {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, random init, seed {args.seed})")
+    origin = f"random init, seed {args.seed}" if args.model in ("tiny", "tiny-oft") else f"loaded from {args.model}"
+    print(f"model {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, {origin})")
     print(f"instruction: {observation.instruction!r}")
     print(f"action tokens: {result.token_ids[0].tolist()}")
     print(f"log-probs: {result.log_probs[0].numpy()}")
@@ -209,6 +213,8 @@ def cmd_act(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a config or checkpoint error too (before the command name)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     inspect = sub.add_parser("inspect", help="parameter manifest of a preset or checkpoint (meta device)")
@@ -262,7 +268,9 @@ def main(argv: list[str] | None = None) -> None:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         code = args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args)
-    except ConfigError as error:  # a config problem is the user's to fix: the message, not a traceback
+    except ConfigError as error:  # a config or checkpoint problem is the user's to fix: the message, not a traceback
+        if args.debug:
+            traceback.print_exc()
         print(f"trainer {args.command}: {error}", file=sys.stderr)
         sys.exit(2)
     except Exception:

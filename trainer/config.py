@@ -16,6 +16,7 @@ import argparse
 import copy
 import dataclasses
 import enum
+import math
 import tempfile
 import types
 import typing
@@ -160,6 +161,28 @@ def _split_config_path(args: list[str]) -> tuple[str | None, list[str]]:
     return path, rest
 
 
+def read_yaml_config(path: str) -> dict:
+    """A config file's options as a dict; a ConfigError naming the file (and the line of a YAML syntax error) when it
+    holds no options or is not YAML."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"invalid config: {path} is not valid YAML{where}: {reason}; fix that line (indentation, "
+                          "a missing ':' or closing bracket)") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"invalid config: {path} cannot be read ({error})") from error
+    if tree is None:
+        raise ConfigError(f"invalid config: {path} holds no options (it is empty or only comments); write sections "
+                          "such as `train:` with their options in it, or leave out --config for the defaults")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"invalid config: {path} holds a {type(tree).__name__}, not sections of options "
+                          "(`section:` lines with `key: value` lines indented under them)")
+    return tree
+
+
 def load(config_class, args: list[str], defaults: dict | None = None):
     """`--config FILE` (YAML) then `--section.key value` overrides, into `config_class`; validated (see
     `config_problems`). `defaults`: a config tree (as in YAML) used instead of a file when no --config is given.
@@ -171,7 +194,7 @@ def load(config_class, args: list[str], defaults: dict | None = None):
     overrides, renamed_args = rename_args(overrides)
     _warn_renamed(renamed_args, "command line")
     with tempfile.TemporaryDirectory() as scratch:
-        tree = (yaml.safe_load(Path(path).read_text()) or {}) if path is not None else copy.deepcopy(defaults)
+        tree = read_yaml_config(path) if path is not None else copy.deepcopy(defaults)
         if tree is not None:
             tree, renamed_keys = rename_keys(tree)
             _warn_renamed(renamed_keys, path or "defaults")
@@ -218,7 +241,9 @@ def config_problems(config, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if isinstance(value, InvalidChoice):
+        if isinstance(value, float) and not math.isfinite(value):  # inf passes "> 0"; no option means infinity
+            found.append(f"{prefix}{field.name} = {value!r}; expected a finite number")
+        elif isinstance(value, InvalidChoice):
             choice, optional = _choice_class(hints[field.name])
             allowed = ([None] if optional else []) + choice.values()
             found.append(f"{prefix}{field.name} = {str(value)!r}; expected one of {allowed}")
@@ -259,6 +284,7 @@ __all__ = [
     "config_problems",
     "dump",
     "load",
+    "read_yaml_config",
     "rename_args",
     "rename_keys",
 ]

@@ -79,6 +79,8 @@ LossFn = Callable[[Batch, Counts], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 class UpdateResult:
     metrics: dict = field(default_factory=dict)  # "train/..." means over the global batch, the last step's guard
     skip_reasons: list[str] = field(default_factory=list)  # one entry per skipped optimizer step
+    stopped: bool = False  # abandoned at a micro-batch boundary on a stop request (every rank agreed)
+    steps_taken: int = 0  # optimizer steps applied before the stop (or in all)
 
 
 class Learner:
@@ -91,11 +93,16 @@ class Learner:
         self.seed = seed
 
     def update(self, samples: Samples, loss_fn: LossFn, iteration: int, progress=None,
-               padding_inputs: PolicyInputs | None = None) -> UpdateResult:
+               padding_inputs: PolicyInputs | None = None, should_stop=None) -> UpdateResult:
         """`epochs` passes over the samples in a fresh random order, each split into `mini_batches` optimizer steps.
 
         padding_inputs: any observation's inputs, for the zero-weight micro-batches of a rank with fewer samples
-        (default: blank inputs of the model's shapes)."""
+        (default: blank inputs of the model's shapes).
+        should_stop: a stop request (SIGTERM under a launcher). Checked before every micro-batch and agreed over
+        ranks (one scalar all-reduce: the loop already waits for every micro-batch's loss, so it adds no sync of its
+        own); on a stop the update is abandoned there, the unfinished mini-batch's gradients are never applied, and
+        `stopped` is set. A launcher kills its ranks a fixed time after SIGTERM (torchrun: 30 s), which one
+        micro-batch fits in and a whole update may not."""
         dist = self.dist
         global_samples = dist.sum(len(samples))
         result = UpdateResult(metrics={"train/samples": global_samples})
@@ -115,6 +122,9 @@ class Learner:
                 counts = Counts(sequences=sequences / dist.world_size, tokens=tokens / dist.world_size)
                 steps = dist.agreed_micro_batches(len(mini_batch), self.micro_batch_size)
                 for step in range(steps):
+                    if should_stop is not None and dist.any(should_stop()):
+                        result.stopped = True
+                        return result
                     indices = mini_batch[step * self.micro_batch_size:(step + 1) * self.micro_batch_size]
                     last = step == steps - 1
                     batch = (collate(samples, indices, self.engine.policy, self.dist.device) if indices
@@ -127,6 +137,7 @@ class Learner:
                         progress.update(1)
                 outcome = self.engine.step()
                 stats.steps += 1
+                result.steps_taken = stats.steps
                 result.metrics.update({"train/grad_norm": outcome.grad_norm,
                                        "train/step_skipped": float(outcome.skip_reason is not None)})
                 if outcome.skip_reason is not None:

@@ -7,6 +7,7 @@ wandb error is reported once and then ignored.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from contextlib import contextmanager
@@ -36,6 +37,42 @@ CONSOLE_KEYS = [
     ("train/clip_frac", "clip frac"), ("train/entropy", "entropy"), ("train/samples", "samples"),
     ("guard/skipped_steps_total", "skips"), ("rollout/env_errors", "env err"), ("time/iteration_seconds", "sec"),
 ]
+
+
+# Third-party messages printed at every start that say nothing a user can act on, silenced at their loggers:
+# (logger name, start of the message).
+THIRD_PARTY_NOISE = [
+    # bitsandbytes' optional CPU 4-bit kernel (we use 8-bit only), logged when peft imports bitsandbytes
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+    # bitsandbytes' int8 matmul computes in float16 and logs so at every call (784 lines per toy iteration on the CPU)
+    ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast"),
+    # robosuite without a private macro file (the defaults are what LIBERO expects), three lines per import
+    ("robosuite_logs", "No private macro file found"),
+    ("robosuite_logs", "It is recommended to use a private macro file"),
+    ("robosuite_logs", "To setup, run: python"),
+]
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: list[str]):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def silence_third_party_noise() -> None:
+    """Install filters for THIRD_PARTY_NOISE on their loggers (before the libraries are imported: `trainer`'s
+    __init__ calls this, so worker processes get it too)."""
+    by_logger: dict[str, list[str]] = {}
+    for name, prefix in THIRD_PARTY_NOISE:
+        by_logger.setdefault(name, []).append(prefix)
+    for name, prefixes in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
+
 
 
 class _NoProgress:
@@ -87,9 +124,9 @@ class RunLogger:
         """On resume: drop lines of iterations that the restored checkpoint does not contain."""
         if not (self.active and self.metrics_path.exists()):
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        records = read_metrics(self.metrics_path, report=self.print)
+        kept = [record for record in records if record.get("iteration", 0) <= iteration]
+        self.metrics_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, iteration: int, metrics: dict) -> None:
         if not self.active:
@@ -136,7 +173,7 @@ class RunLogger:
         summary = summarize(self.metrics_path) if self.metrics_path.exists() else ""
         if summary:
             self.print(summary)
-        if self.config.log.plots:
+        if self.config.log.plots and self.metrics_path.exists() and read_metrics(self.metrics_path):
             try:
                 write_plots(self.metrics_path, self.output_dir / "plots")
             except Exception as error:  # noqa: BLE001 -- plots are a convenience
@@ -161,8 +198,26 @@ def summarize(metrics_path: Path) -> str:
     return ("success before -> after training\n  " + "\n  ".join(lines)) if lines else ""
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: Path, report=None) -> list[dict]:
+    """The records of a metrics.jsonl. A torn last line (a crash or a full disk mid-append) is left out, with a
+    message to `report` when given; a damaged line before it is an error naming the file and line."""
+    lines = Path(path).read_text().split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as error:
+            if any(rest.strip() for rest in lines[number:]):
+                from trainer.config import ConfigError
+
+                raise ConfigError(f"{path}, line {number}, is not a JSON record ({error}); delete that line and "
+                                 "start again") from error
+            if report is not None:
+                report(f"{path}: left out its last line, written only in part (the process ended mid-write): "
+                       f"{line[:60]!r}")
+    return records
 
 
 def write_plots(metrics_path: Path, plot_dir: Path) -> list[Path]:
@@ -193,7 +248,8 @@ def write_plots(metrics_path: Path, plot_dir: Path) -> list[Path]:
             axis.set_title(key if name == "loss.png" else "success rate")
             if name == "success.png":
                 axis.set_ylim(-0.02, 1.02)
-                axis.legend(fontsize=8)
+                if axis.get_legend_handles_labels()[0]:  # matplotlib warns about a legend of nothing
+                    axis.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(plot_dir / name, dpi=100)
         plt.close(fig)

@@ -42,7 +42,7 @@ from trainer.build import (
     seed_everything,
 )
 from trainer.checkpoint import load_latest_checkpoint, save_checkpoint
-from trainer.config import Choice, check, dump, load
+from trainer.config import Choice, ConfigError, check, dump, load
 from trainer.dist import BackendName, Dist, DistConfig
 from trainer.engine import Engine, OptimConfig, setup_engine
 from trainer.envs.seeding import iteration_seed
@@ -250,6 +250,9 @@ class RunConfig:
                 check_quantization(self.quant.mode, self.dist.backend)
             except ValueError as error:
                 found.append(str(error))
+        if self.algo.beta > 0 and not self.lora.enabled:
+            found.append(f"algo.beta = {self.algo.beta}: the KL reference is the base model with the LoRA adapters "
+                         "switched off, so it needs lora.enabled true; set algo.beta 0 to train without LoRA")
         return found
 
 
@@ -259,8 +262,15 @@ def load_config(args: list[str]) -> RunConfig:
 
 
 def build_run_policy(config: RunConfig, dist: Dist) -> VLAPolicy:
-    return build_policy(config.model, config.lora, config.quant, config.env, dist,
-                        value_head=config.algo.name == AlgoName.PPO, seed=config.train.seed)
+    try:
+        return build_policy(config.model, config.lora, config.quant, config.env, dist,
+                            value_head=config.algo.name == AlgoName.PPO, seed=config.train.seed)
+    except KeyError as error:  # the model has no action statistics for the suite (processor.select_norm_stats)
+        if "unnorm_key" not in str(error):
+            raise
+        raise ConfigError(f"invalid config:\n  - env.unnorm_key: {error.args[0]} (model.source {config.model.source}, "
+                          f"env.suite {config.env.suite}); give --env.unnorm_key one of those (the tiny presets know "
+                          "only `toy`), or a model fine-tuned on this suite") from error
 
 
 # --- state that a checkpoint carries -------------------------------------------------------------------------------
@@ -281,7 +291,8 @@ class TrainState:
 
 
 class StopRequested:
-    """SIGTERM / SIGINT set a flag; the loop checks it at safe points, saves and exits cleanly."""
+    """SIGTERM / SIGINT set a flag; the loop checks it at safe points and before every micro-batch of the update
+    (a launcher SIGKILLs its ranks soon after SIGTERM: docs/reliability.md), saves and exits cleanly."""
 
     def __init__(self):
         self.requested = False
@@ -426,7 +437,6 @@ def train(config: RunConfig) -> dict:
     seed_everything(config.train.seed, config.train.deterministic)
     output_dir = Path(config.train.output_dir)
     logger = RunLogger(config, dist, output_dir)
-    logger.write_config(dump(config))
 
     policy = build_run_policy(config, dist)
     logger.print("trainable parameters:\n" + format_breakdown(trainable_breakdown(policy)))
@@ -449,6 +459,8 @@ def train(config: RunConfig) -> dict:
             logger.print(f"resumed from iteration {state.iteration} in {output_dir}")
     if restored is None:
         logger.truncate_after(-1)  # a fresh run into a used output_dir starts a fresh metrics.jsonl
+    logger.write_config(dump(config))  # after the resume: a refused one leaves the run's config.yaml as it was
+    saved_iteration = None  # the iteration whose state the last checkpoint of this process holds
 
     pool = make_env_pool(config.env, dist)
     counts = init_states_per_task(config.env, pool)
@@ -494,7 +506,14 @@ def train(config: RunConfig) -> dict:
                                         temperature=config.rollout.temperature, bc_phase=bc_phase)
             with logger.progress(f"update {iteration + 1}", total=None) as bar:
                 update = learner.update(samples, loss_fn, iteration, progress=bar,
-                                        padding_inputs=next((e.inputs[0] for e in episodes if e.inputs), None))
+                                        padding_inputs=next((e.inputs[0] for e in episodes if e.inputs), None),
+                                        should_stop=stop)
+            if update.stopped:  # abandoned between micro-batches: iteration not counted, schedule not moved
+                if update.steps_taken:
+                    saved_iteration = None  # the weights moved since: save them
+                    logger.print(f"stop requested during the update: {update.steps_taken} of its optimizer steps "
+                                 "were taken and are kept; the resumed run redoes this iteration from them")
+                break
             state.count_skips(update.skip_reasons)
             lr = scheduler.get_last_lr()[0]  # the rate this iteration's update used (before the schedule moves on)
             scheduler.step()
@@ -532,8 +551,11 @@ def train(config: RunConfig) -> dict:
             last_metrics = metrics
             if config.train.checkpoint_every > 0 and state.iteration % config.train.checkpoint_every == 0:
                 save_checkpoint(output_dir, engine, scheduler, vars(state), dump(config))
-        # Always leave a checkpoint of the last completed iteration (normal end, SIGTERM or Ctrl-C).
-        save_checkpoint(output_dir, engine, scheduler, vars(state), dump(config))
+                saved_iteration = state.iteration
+        # Always leave a checkpoint of the last completed iteration (normal end, SIGTERM or Ctrl-C), unless the one
+        # just written holds this state: re-saving it would only open a window for a kill.
+        if saved_iteration != state.iteration:
+            save_checkpoint(output_dir, engine, scheduler, vars(state), dump(config))
         if stop():
             logger.print(f"stop requested: checkpoint of iteration {state.iteration} saved in {output_dir}; exiting")
     logger.finish()
