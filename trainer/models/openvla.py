@@ -285,10 +285,27 @@ class OpenVLA(nn.Module):
             inputs_embeds=self.language_model.get_input_embeddings()(ids), attention_mask=mask,
             position_ids=next_position[:, None], past_key_values=cache, use_cache=True,
         )
-        return VLAOutput(
-            action_logits=self._action_logits(out.last_hidden_state), value_hidden=None,
-            past_key_values=out.past_key_values, attention_mask=mask, next_position=next_position + 1,
+        step = self._decoding_output(out.last_hidden_state)
+        step.past_key_values, step.attention_mask, step.next_position = out.past_key_values, mask, next_position + 1
+        return step
+
+    def static_decode_step(self, ids: torch.Tensor, cache, mask: torch.Tensor, position: torch.Tensor) -> VLAOutput:
+        """A decoding step on fixed buffers (trainer.models.decoding.StaticDecoder): ``ids``/``position`` [B, 1],
+        ``mask`` [B, 1, 1, L] bool (True: attend), ``cache`` a StaticKVCache whose ``slot`` the token is written at.
+        Device-side state only (the slot is unmasked and then advanced, the positions advanced, on the device), so the
+        step can be captured in a CUDA graph. The same function as ``_decode_step`` on the dynamic cache."""
+        mask.index_fill_(3, cache.slot, True)
+        out = self.language_model.model(
+            inputs_embeds=self.language_model.get_input_embeddings()(ids), attention_mask=mask, position_ids=position,
+            past_key_values=cache, use_cache=True,
         )
+        cache.slot.add_(1)
+        position.add_(1)
+        return self._decoding_output(out.last_hidden_state)
+
+    def _decoding_output(self, hidden: torch.Tensor) -> VLAOutput:
+        """What one decoding step gives the action choice (shared by the dynamic and the static step)."""
+        return VLAOutput(action_logits=self._action_logits(hidden), value_hidden=None)
 
     def _forward_parallel(self, prefix, text, mask, with_l1_actions: bool) -> VLAOutput:
         """OFT: all action slots in one bidirectional forward; empty (zero) embeddings at the slots, then </s>."""
