@@ -25,7 +25,9 @@ class ModelConfig:
     """Force "oft" for released OpenVLA-OFT directories (their config.json does not say so)."""
     dtype: str = "auto"
     """"auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = "auto"
+    """Recompute activations in the backward: true, false, or "auto" (recompute only when the update without it does
+    not fit the free GPU memory; trainer/models/memory.py estimates it; no recompute on CPU runs)."""
     use_l1_head_for_eval: bool = False
     """OFT: evaluate greedy actions with the L1 regression head instead of argmax tokens."""
 
@@ -70,6 +72,8 @@ class EnvConfig:
     """Force "egl" or "osmesa" (default: EGL on GPU hosts, OSMesa on CPU hosts)."""
     unnorm_key: str | None = None
     """norm_stats key for un-normalising actions (default: the suite name, then <suite>_no_noops)."""
+    preprocess_in_workers: bool = True
+    """Run the policy's image pipeline in the env worker processes (subprocess env pools only), not in the trainer."""
 
 
 @dataclass
@@ -79,10 +83,17 @@ class RolloutConfig:
     temperature: float = 1.0
     video_episodes: int = 0
     """Record this many rollout episodes per evaluation as mp4 (0: none)."""
-    merge_lora: bool = False
+    merge_lora: bool | str = "auto"
     """Fold the LoRA adapters into the base weights for each rollout and evaluation (faster acting: no adapter GEMMs
     per decoding step), then restore the base weights bit for bit. Costs a copy of every adapted weight while merged.
-    Single-process and DDP runs only (ignored, with a notice, under FSDP / DeepSpeed); a no-op on an int8 base."""
+    Single-process and DDP runs only (ignored, with a notice, under FSDP / DeepSpeed); a no-op on an int8 base.
+    "auto": merge when the copy fits the free GPU memory (never on CPU runs)."""
+    pipeline: bool = True
+    """Step half of a rank's env workers while the policy acts for the other half (subprocess env pools only; the
+    same episodes and actions as without)."""
+    decode: str = "auto"
+    """Standard OpenVLA's decoding steps: "dynamic" (transformers' cache), "static" (static cache), "graphs" (static
+    cache, CUDA graphs), "auto" (graphs on CUDA with one process or DDP, else dynamic). No effect on OFT."""
 
 
 @dataclass
@@ -242,6 +253,9 @@ def validate(config: RunConfig) -> RunConfig:
     problems += _one_of("model.dtype", config.model.dtype, ("auto", "bf16", "fp32"))
     problems += _one_of("env.suite", config.env.suite, SUITES)
     problems += _one_of("env.render_backend", config.env.render_backend, (None, "egl", "osmesa"))
+    problems += _one_of("model.gradient_checkpointing", config.model.gradient_checkpointing, (True, False, "auto"))
+    problems += _one_of("rollout.merge_lora", config.rollout.merge_lora, (True, False, "auto"))
+    problems += _one_of("rollout.decode", config.rollout.decode, ("auto", "dynamic", "static", "graphs"))
     if config.rollout.num_generations < 1:
         problems.append("rollout.num_generations must be >= 1")
     if config.algo.name == "grpo" and config.algo.advantage == "relative" and config.rollout.num_generations < 2:

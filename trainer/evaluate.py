@@ -59,8 +59,9 @@ class EvalReport:
 
 def evaluate(policy, pool, items: list[WorkItem], dist, *, greedy: bool, temperature: float = 1.0, seed: int = 7,
              model=None, use_l1_head: bool = False, video_dir: Path | None = None, videos: int = 0,
-             stop=None) -> EvalReport:
-    """Run this rank's share of `items`; the report holds the global (all-rank) counts."""
+             stop=None, pipeline: bool = False, decode: str = "dynamic") -> EvalReport:
+    """Run this rank's share of `items`; the report holds the global (all-rank) counts. `pipeline` and `decode`:
+    collect_episodes' speed options."""
     local = shard_work_items(items, dist.rank, dist.world_size)
     first = items.index(local[0]) if local else 0
     record = set(range(videos)) if video_dir is not None and dist.is_main else set()
@@ -70,7 +71,7 @@ def evaluate(policy, pool, items: list[WorkItem], dist, *, greedy: bool, tempera
         policy, pool, local, greedy_probability=1.0 if greedy else 0.0, temperature=temperature, run_seed=seed,
         rank=dist.rank, episode_offset=first, model=model, keep_trajectories=False, record_video_items=record,
         use_l1_head=use_l1_head and greedy, generator=torch.Generator().manual_seed(seed + 104729 * dist.rank),
-        should_stop=stop)
+        should_stop=stop, pipeline=pipeline, decode=decode)
     policy.train(was_training)
     counts = defaultdict(float)
     for episode in episodes:

@@ -47,6 +47,7 @@ from trainer.models.lora import (
     quantize_int8,
     trainable_breakdown,
 )
+from trainer.models.memory import choose_gradient_checkpointing, free_device_bytes, merge_fits, update_memory
 from trainer.rollout import Episode, collect_episodes
 
 EPISODE_SEED_STRIDE = 1_000_003  # separates env seeds of different iterations (items per iteration stay below it)
@@ -122,7 +123,7 @@ def build_policy(config: RunConfig, dist: Dist) -> VLAPolicy:
                                                 device=dist.device)
     if config.quant.mode == "int8":
         quantize_int8(model, dist.device)
-    if config.model.gradient_checkpointing:
+    if recomputes_activations(config, model, dist):
         model.gradient_checkpointing_enable()
     if config.lora.enabled:
         targets = config.lora.target_modules
@@ -136,6 +137,19 @@ def build_policy(config: RunConfig, dist: Dist) -> VLAPolicy:
     if policy.value_head is not None:
         policy.value_head.to(torch.float32)
     return policy.to(dist.device)
+
+
+def recomputes_activations(config: RunConfig, model, dist: Dist) -> bool:
+    """model.gradient_checkpointing, with "auto" decided from the free GPU memory (the smallest over ranks, so that
+    every rank decides the same) and the update's estimated memory (trainer/models/memory.py)."""
+    setting = config.model.gradient_checkpointing
+    if setting != "auto":
+        return bool(setting)
+    free = free_device_bytes(dist.device)
+    free = None if free is None else int(-dist.max(-float(free)))
+    memory = update_memory(model, config.algo.micro_batch_size, lora_rank=config.lora.rank,
+                           lora_on_towers=config.lora.enabled and config.lora.target_modules != "llm-linear")
+    return choose_gradient_checkpointing(setting, free, memory)
 
 
 def build_optimizer(config: RunConfig, policy: VLAPolicy):
@@ -163,9 +177,11 @@ def build_optimizer(config: RunConfig, policy: VLAPolicy):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
 
 
-def make_env_pool(config: RunConfig, dist: Dist, num_workers: int | None = None):
-    """This rank's env workers: subprocesses (crash-isolated) for LIBERO, in-process envs for the toy task."""
+def make_env_pool(config: RunConfig, dist: Dist, num_workers: int | None = None, policy: VLAPolicy | None = None):
+    """This rank's env workers: subprocesses (crash-isolated) for LIBERO, in-process envs for the toy task. With
+    `policy` and env.preprocess_in_workers, the workers run its image pipeline."""
     num_workers = num_workers or config.env.num_workers
+    transform = policy.worker_transform() if policy is not None and config.env.preprocess_in_workers else None
     env_kwargs = {} if config.env.max_steps is None else {"max_steps": config.env.max_steps}
     if config.env.suite != "toy":
         from trainer.envs.pool import EnvPool
@@ -175,7 +191,8 @@ def make_env_pool(config: RunConfig, dist: Dist, num_workers: int | None = None)
         if config.env.suite in LIBERO_SUITES:
             render_env = choose_render_env(os.environ, detect_gpu_count(), config.env.render_backend, dist.local_rank)
         return EnvPool(config.env.suite, num_workers, env_kwargs, env_vars=render_env,
-                       step_timeout_s=config.env.step_timeout_s, reset_timeout_s=config.env.step_timeout_s)
+                       step_timeout_s=config.env.step_timeout_s, reset_timeout_s=config.env.step_timeout_s,
+                       observation_transform=transform)
     from trainer.envs.inline import InlinePool
 
     return InlinePool(config.env.suite, num_workers, env_kwargs)
@@ -204,19 +221,38 @@ def iteration_items(config: RunConfig, counts: list[int], iteration: int) -> lis
 # --- 2. rollout ------------------------------------------------------------------------------------------------------
 
 
-def merges_lora_for_rollout(config: RunConfig, dist: Dist) -> bool:
-    """Whether rollouts and evaluations act with LoRA merged into the base weights (rollout.merge_lora).
+def merges_lora_for_rollout(config: RunConfig, dist: Dist, policy: VLAPolicy | None = None) -> bool:
+    """Whether rollouts and evaluations act with LoRA merged into the base weights (rollout.merge_lora; "auto":
+    when the copy of the adapted weights fits the free GPU memory now, see trainer/models/memory.py).
 
     Only where every rank holds its parameters whole: one process or DDP. FSDP flattens and shards them, and
     DeepSpeed's engine owns them (ZeRO-3 partitions them; ZeRO-2 is left out as well, untried), so merging in place
     there would write into shards, not weights."""
-    return config.rollout.merge_lora and dist.backend in ("single", "ddp")
+    setting = config.rollout.merge_lora
+    if dist.backend not in ("single", "ddp") or not setting:
+        return False
+    if setting == "auto":
+        return policy is not None and merge_fits(free_device_bytes(dist.device), policy.merge_copy_bytes())
+    return True
 
 
 def rollout_weights(config: RunConfig, policy: VLAPolicy, dist: Dist):
     """Context for a rollout or evaluation: the adapters merged for its duration (restored bit for bit on exit, see
     VLAPolicy.merged_adapters) when merges_lora_for_rollout, else the model as it is."""
-    return policy.merged_adapters() if merges_lora_for_rollout(config, dist) else nullcontext()
+    return policy.merged_adapters() if merges_lora_for_rollout(config, dist, policy) else nullcontext()
+
+
+def rollout_options(config: RunConfig, dist: Dist, pool) -> dict:
+    """collect_episodes' speed options: pipelined env steps (subprocess pools only: in-process envs cannot step
+    while the policy runs) and standard OpenVLA's decoding (rollout.decode; "auto": CUDA graphs on CUDA with one
+    process or DDP, whose parameters stay where they are for the whole rollout)."""
+    from trainer.envs.pool import EnvPool
+
+    decode = config.rollout.decode
+    if decode == "auto":
+        graphs_ok = dist.device.type == "cuda" and dist.backend in ("single", "ddp")
+        decode = "graphs" if graphs_ok else "dynamic"
+    return {"pipeline": config.rollout.pipeline and isinstance(pool, EnvPool), "decode": decode}
 
 
 # --- 3. advantages ---------------------------------------------------------------------------------------------------
@@ -445,7 +481,8 @@ def evaluate_policy(config: RunConfig, policy, model, pool, dist: Dist, counts: 
         with dist.gathered_for_rollout(model), rollout_weights(config, policy, dist):
             report = evaluate(policy, pool, items, dist, greedy=greedy, temperature=config.rollout.temperature,
                               seed=config.train.seed + 1 + iteration, model=model,
-                              use_l1_head=config.model.use_l1_head_for_eval, stop=stop)
+                              use_l1_head=config.model.use_l1_head_for_eval, stop=stop,
+                              **rollout_options(config, dist, pool))
         metrics[f"eval/{'greedy' if greedy else 'sampled'}_success_rate"] = report.success_rate
     return metrics
 
@@ -465,7 +502,7 @@ def train(config: RunConfig) -> dict:
     optimizer, scheduler = build_optimizer(config, policy)
     # The scheduler is not prepared: it steps once per iteration, whatever the backend and world size (see Dist.prepare).
     model, optimizer = dist.prepare(policy, optimizer, max_grad_norm=config.optim.max_grad_norm)
-    if config.rollout.merge_lora and not merges_lora_for_rollout(config, dist):
+    if config.rollout.merge_lora is True and dist.backend not in ("single", "ddp"):
         logger.print(f"rollout.merge_lora is ignored with the {dist.backend} backend (single process or DDP only)")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the logged peak is training's, not the model build's
@@ -482,7 +519,7 @@ def train(config: RunConfig) -> dict:
 
     schedule = algos.PhaseSchedule(config.algo.bc_warmup_iterations, config.algo.handover_iterations,
                                    config.algo.epsilon_start)
-    pool = make_env_pool(config, dist)
+    pool = make_env_pool(config, dist, policy=policy)
     counts = init_states_per_task(config, pool)
     last_metrics: dict = {}
     with pool, StopRequested() as stop:
@@ -513,7 +550,7 @@ def train(config: RunConfig) -> dict:
                     run_seed=config.train.seed, rank=dist.rank, episode_offset=iteration * EPISODE_SEED_STRIDE,
                     model=model, generator=torch.Generator().manual_seed(
                         iteration_seed(config.train.seed, iteration) + 7919 * dist.rank),
-                    progress=bar, should_stop=stop)
+                    progress=bar, should_stop=stop, **rollout_options(config, dist, pool))
             if stop_agreed():
                 break  # weights untouched this iteration: the checkpoint below resumes exactly here
 

@@ -246,6 +246,18 @@ class VLAPolicy(nn.Module):
     def _active_autocast_dtype(self) -> torch.dtype | None:
         return None if self._adapters_merged else self.adapter_compute_dtype
 
+    def _mergeable_lora_layers(self) -> list[nn.Module]:
+        """The LoRA layers `merged_adapters` would merge (none when any of them cannot be merged exactly)."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in self.vla.modules() if isinstance(m, LoraLayer) and not m.merged and not m.disable_adapters]
+        return layers if layers and _all_mergeable(layers, self.vla) else []
+
+    def merge_copy_bytes(self) -> int:
+        """Bytes of the base-weight copies `merged_adapters` keeps while merged (0: nothing would be merged)."""
+        weights = [layer.get_base_layer().weight for layer in self._mergeable_lora_layers()]
+        return sum(w.numel() * w.element_size() for w in weights)
+
     @contextmanager
     def merged_adapters(self):
         """LoRA adapters folded into the base weights (W + scaling * B @ A) for a rollout, restored exactly after.
@@ -271,10 +283,8 @@ class VLAPolicy(nn.Module):
         single-process and DDP runs). The `adapters_in_base_dtype` autocast is harmless while merged: the adapters
         are not called, and the base layers compute as they do unmerged.
         """
-        from peft.tuners.lora import LoraLayer
-
-        layers = [m for m in self.vla.modules() if isinstance(m, LoraLayer) and not m.merged and not m.disable_adapters]
-        if not layers or not _all_mergeable(layers, self.vla):
+        layers = self._mergeable_lora_layers()
+        if not layers:
             yield
             return
         originals = []
