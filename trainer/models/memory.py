@@ -79,19 +79,29 @@ def lora_parameter_count(model, rank: int, towers: bool) -> int:
     return count
 
 
+def decoder_layer_bytes(width: int, mlp_width: int, element_bytes: int) -> int:
+    """Bytes a Llama decoder layer keeps per token for the backward (module docstring): 8h + e(7h + 4i)."""
+    return 8 * width + element_bytes * (7 * width + 4 * mlp_width)
+
+
+def vit_block_bytes(width: int, mlp_width: int, element_bytes: int) -> int:
+    """Bytes a ViT block keeps per token for the backward (module docstring): 8h + e(7h + 2m)."""
+    return 8 * width + element_bytes * (7 * width + 2 * mlp_width)
+
+
 def update_memory(model, micro_batch: int, *, text_tokens: int = 48, lora_rank: int = 32, lora_on_towers: bool = True,
                   element_bytes: int = 2) -> UpdateMemory:
     """The estimate (module docstring) for an OpenVLA / OpenVLA-OFT model (its structure only: a meta model works)."""
     h, i, layers = _llama_shape(model)
     tokens = micro_batch * sequence_length(model, text_tokens)
-    per_layer_token = 8 * h + element_bytes * (7 * h + 4 * i)
+    per_layer_token = decoder_layer_bytes(h, i, element_bytes)
     language_full = tokens * layers * per_layer_token
     language_inputs = tokens * layers * element_bytes * h
     towers_full = towers_inputs = towers_largest = 0
     if lora_on_towers:
         images = micro_batch * model.config.num_images
         for width, mlp, blocks, per_image in _tower_shapes(model):
-            per_block = images * per_image * (8 * width + element_bytes * (7 * width + 2 * mlp))
+            per_block = images * per_image * vit_block_bytes(width, mlp, element_bytes)
             towers_full += blocks * per_block
             towers_inputs += blocks * images * per_image * element_bytes * width
             towers_largest = max(towers_largest, per_block)
