@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=lambda args: __import__("trainer.evaluate", fromlist=["main"]).main(args), takes_rest=False)
 
     bench = sub.add_parser("bench", help="GPU throughput/memory of the full-size model vs a ceiling (random weights)")
-    bench.add_argument("--parts", default="ceiling,rollout,update", help="comma list of ceiling, rollout, update, lora_ceiling, phases (one GPU)")
+    bench.add_argument("--parts", default="ceiling,rollout,update", help="comma list of ceiling, rollout, update, lora_ceiling, phases (one GPU), levers (issue 13's speed "
+                            "levers end to end), decode (OpenVLA decoding: dynamic / static / CUDA graphs)")
     bench.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64])
     bench.add_argument("--update-batch", type=int, default=16, help="samples per GPU per update step")
     bench.add_argument("--steps", type=int, default=3)
@@ -125,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lora-targets", nargs="*", default=["all-linear"], choices=["all-linear", "llm-linear"],
                        help="LoRA targets for the update / phases parts (each one measured)")
     bench.add_argument("--trace-dir", help="phases part: also write a chrome trace of the profiled step here")
+    bench.add_argument("--repeats", type=int, default=3, help="levers / decode parts: repeats, reported as a range")
+    bench.add_argument("--levers", nargs="*", default=["baseline", "pipeline", "workers_preprocess", "merge_lora",
+                                                       "no_recompute", "all"],
+                       help="levers part: which configurations (trainer.bench.LEVER_CONFIGS)")
+    bench.add_argument("--e2e-episodes", type=int, default=16, help="levers part: episodes per iteration")
+    bench.add_argument("--e2e-workers", type=int, default=16, help="levers part: env workers")
+    bench.add_argument("--e2e-max-steps", type=int, default=40, help="levers part: env steps per episode at most")
+    bench.add_argument("--standin-step-seconds", type=float, help="levers part: the stand-in's physics cost per action")
+    bench.add_argument("--standin-render-seconds", type=float, help="levers part: the stand-in's cost per observation")
     bench.add_argument("--out", default="bench/report.json", help="JSON report (merged with an existing one)")
     bench.set_defaults(func=lambda args: __import__("trainer.bench", fromlist=["main"]).main(args), takes_rest=False)
 

@@ -116,6 +116,7 @@ class StaticDecoder:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._graph_outputs: dict[int, VLAOutput] = {}
         self._size = self._rows = 0
+        self.fallbacks = 0  # act calls whose batch or prompt did not fit, decoded with the dynamic cache instead
 
     @property
     def max_batch(self) -> int:

@@ -197,6 +197,15 @@ class OpenVLA(nn.Module):
             self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.vision_backbone.gradient_checkpointing = True
 
+    def gradient_checkpointing_disable(self) -> None:
+        """Undo `gradient_checkpointing_enable` (the benchmark measures the update both ways in one process)."""
+        if hasattr(self.language_model, "activation_checkpointing_disable"):
+            self.language_model.activation_checkpointing_disable()
+        else:
+            self.language_model.gradient_checkpointing_disable()
+        self.vision_backbone.gradient_checkpointing = False
+        self.reentrant_checkpointing = False
+
     def _language_model_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
         """The reentrant checkpoint only back-propagates into a layer whose input needs a gradient: with LoRA on the
         language model alone (nothing trainable before it), the input embeddings must ask for one."""

@@ -14,6 +14,7 @@ policy's forward. Wrappers only ever see `forward` calls.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -382,6 +383,12 @@ class VLAPolicy(nn.Module):
             if static:
                 self._check_decoder(decoder)
                 decoder.start(out, len(inputs))
+            elif decoder is not None:
+                decoder.fallbacks += 1
+                if decoder.fallbacks == 1:
+                    warnings.warn(f"a batch of {len(inputs)} with a prefill of {out.attention_mask.shape[1]} tokens "
+                                  f"does not fit the static decoder: decoded with the dynamic cache (slower); give "
+                                  f"static_decoder a larger max_batch / max_text_tokens", stacklevel=3)
             local_steps, log_prob_steps = [], []
             step = out
             for index in range(self.config.trainer.action_dim):
