@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -103,17 +104,37 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu") if args.cpu else torch.device("cuda", torch.cuda.current_device())
-    name = "cpu" if args.cpu else torch.cuda.get_device_name(0)
-    report = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    device_name = "cpu" if args.cpu else torch.cuda.get_device_name(0)
+    report = {"device": device_name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     failures = []
+    # A failure is recorded with its traceback and the run goes on: one GPU call should bring back everything.
     if not args.skip_tiny:
         start = time.perf_counter()
-        report["tiny_checks"] = tiny_checks(device)
-        failures += [name for name, check in report["tiny_checks"].items() if not check["ok"]]
-        print(f"tiny checks ({time.perf_counter() - start:.0f} s):", json.dumps(report["tiny_checks"], indent=1))
+        try:
+            report["tiny_checks"] = tiny_checks(device)
+            failures += [name for name, check in report["tiny_checks"].items() if not check["ok"]]
+        except Exception:  # noqa: BLE001
+            report["tiny_checks_error"] = traceback.format_exc()
+            failures.append("tiny checks raised (tiny_checks_error)")
+            print(report["tiny_checks_error"], file=sys.stderr)
+        print(f"tiny checks ({time.perf_counter() - start:.0f} s):", json.dumps(report.get("tiny_checks"), indent=1))
     start = time.perf_counter()
-    report["decode"] = bench.measure_decode(device, batches=tuple(args.batches), preset=args.preset,
-                                            repeats=args.repeats)
+
+    latest = {"variants": {}, "agreement": {}}
+
+    def save(decode: dict) -> None:  # what is measured so far, in case the run is cut short
+        latest.update(decode)
+        (out_dir / "decode.json").write_text(json.dumps({**report, "decode": decode}, indent=1, default=str))
+
+    save(latest)
+    try:
+        report["decode"] = bench.measure_decode(device, batches=tuple(args.batches), preset=args.preset,
+                                                repeats=args.repeats, progress=save)
+    except Exception:  # noqa: BLE001
+        report["decode_error"] = traceback.format_exc()
+        failures.append("the decode benchmark raised (decode_error)")
+        print(report["decode_error"], file=sys.stderr)
+        report["decode"] = latest
     report["decode_seconds"] = time.perf_counter() - start
     for name, agreement in report["decode"]["agreement"].items():
         # graphs replay the eager static step's kernels; the dynamic cache attends over fewer (unmasked) keys; in
@@ -125,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         for batch, row in rows.items():
             if row["fallbacks"]:
                 failures.append(f"{variant} b{batch}: {row['fallbacks']} calls fell back to the dynamic cache")
+    failures += [f"{variant}: raised (decode.errors)" for variant in report["decode"].get("errors", {})]
     report["speed_ratios"] = bench.speed_ratios(report)
     report["failures"] = failures
     (out_dir / "decode.json").write_text(json.dumps(report, indent=1, default=str))
     table = bench.markdown({"device": report["device"], "date": report["date"], "decode": report["decode"],
-                            "speed_ratios": report["speed_ratios"]})
+                            "speed_ratios": report["speed_ratios"]}) if report["decode"]["variants"] else ""
     (out_dir / "decode.md").write_text(table)
     print(table)
     print("FAILED: " + "; ".join(failures) if failures else "all decoding checks passed")

@@ -468,14 +468,15 @@ def _set_recompute(policy, on: bool) -> None:
 
 def measure_levers(device, preset: str = "openvla-7b-oft", configs=tuple(LEVER_CONFIGS), repeats: int = 3,
                    episodes: int = 16, num_workers: int = 16, max_steps: int = 40, micro_batch: int = 16,
-                   env_kwargs: dict | None = None, ceiling: bool = True) -> dict:
+                   env_kwargs: dict | None = None, ceiling: bool = True, progress=None) -> dict:
     """Whole RL iterations (rollout -> GRPO advantages -> one PPO update epoch) of the random full-size policy with
     LoRA r=32 on all linear layers on the LIBERO stand-in env, with each lever of issue 13 on its own and all together
     (LEVER_CONFIGS), `repeats` iterations each. The same functions the trainer runs (collect_episodes,
     episode_advantages, update_policy); the policy and both env pools (images prepared in the trainer / in the
     workers) are built once. Env steps per second of each iteration, its split, the ratio to the baseline, to the
     FLOP bound, and to a model-only ceiling of the same run (plain transformers: the OFT-length prefill and LoRA
-    update, 1 / (1/rollout + 1/update) per env step)."""
+    update, 1 / (1/rollout + 1/update) per env step). `progress(out)` is called after each configuration (the
+    caller writes what is measured so far: a run cut short by a time limit keeps it)."""
     from contextlib import nullcontext
 
     from trainer.config import RunConfig
@@ -504,6 +505,12 @@ def measure_levers(device, preset: str = "openvla-7b-oft", configs=tuple(LEVER_C
     env = {"max_steps": max_steps, **(env_kwargs or {})}
     state = TrainState()
     text_tokens: list[int] = []
+
+    def flop_bounds() -> None:
+        text = int(np.median(text_tokens)) if text_tokens else 32
+        out["text_tokens"] = text
+        out["flop_bound_env_steps_per_s"] = {"recompute": flop_bound_env_steps_per_s(policy, text, True),
+                                             "no_recompute": flop_bound_env_steps_per_s(policy, text, False)}
     with EnvPool("libero_standin", num_workers, env, start_timeout_s=600) as plain_pool, \
          EnvPool("libero_standin", num_workers, env, observation_transform=policy.worker_transform(),
                  start_timeout_s=600) as prepared_pool:
@@ -540,19 +547,30 @@ def measure_levers(device, preset: str = "openvla-7b-oft", configs=tuple(LEVER_C
         for name in configs:
             _reset_peak()
             runs = []
-            for _ in range(repeats):
-                runs.append(iteration(index, LEVER_CONFIGS[name]))
-                index += 1
+            try:  # one failing configuration (out of memory, say) must not lose the others
+                for _ in range(repeats):
+                    runs.append(iteration(index, LEVER_CONFIGS[name]))
+                    index += 1
+            except Exception:  # noqa: BLE001
+                import traceback
+
+                out.setdefault("errors", {})[name] = traceback.format_exc()
+                print(out["errors"][name], flush=True)
+                index += repeats
+                if not runs:
+                    continue
             out["configs"][name] = {"levers": dict(zip(("pipeline", "workers_preprocess", "merge_lora", "recompute"),
                                                        LEVER_CONFIGS[name])),
                                     "iterations": runs, "peak_gb": _peak_gb(),
                                     **{key: spread([r[key] for r in runs]) for key in
                                        ("env_steps_per_s", "seconds", "rollout_seconds", "update_seconds",
                                         "policy_seconds", "prepare_seconds", "env_wait_seconds")}}
-    text = int(np.median(text_tokens)) if text_tokens else 32
-    out["text_tokens"] = text
-    out["flop_bound_env_steps_per_s"] = {"recompute": flop_bound_env_steps_per_s(policy, text, True),
-                                         "no_recompute": flop_bound_env_steps_per_s(policy, text, False)}
+            flop_bounds()
+            print(f"levers {name}: {out['configs'][name]['env_steps_per_s']['median']:.1f} env steps/s "
+                  f"({[round(r['env_steps_per_s'], 1) for r in runs]})", flush=True)
+            if progress is not None:
+                progress(out)
+    flop_bounds()
     return out  # the model is freed with this frame (main collects)
 
 
@@ -603,12 +621,12 @@ def measure_oft_ceiling(device, preset: str = "openvla-7b-oft", batch: int = 16)
 
 
 def measure_decode(device, batches=(16, 64), preset: str = "openvla-7b", repeats: int = 3, iters: int = 2,
-                   ceiling: bool = True) -> dict:
+                   ceiling: bool = True, progress=None) -> dict:
     """Standard OpenVLA's `act` with LoRA r=32 on all linear layers (as a training rollout acts), decoding with
     transformers' dynamic cache, the static cache, and CUDA graphs (CUDA only), unmerged and merged; against the
     plain-transformers decode ceiling of the same run (prefill + 6 cached greedy steps, LM only, and with the towers)
     and the FLOP bound; `repeats` timings of `iters` calls each. Also how far the paths agree on the same noise
-    (tokens and log-probs of graphs vs eager static vs dynamic)."""
+    (tokens and log-probs of graphs vs eager static vs dynamic). `progress(out)` is called after each batch size."""
     from contextlib import nullcontext
 
     device = torch.device(device)
@@ -644,20 +662,29 @@ def measure_decode(device, batches=(16, 64), preset: str = "openvla-7b", repeats
             results = {}
             with policy.merged_adapters() if weights == "lora merged" else nullcontext():
                 for mode in modes:
-                    decoder = None if mode == "dynamic" else policy.static_decoder(batch, graphs=mode == "graphs")
-                    _reset_peak()
-                    results[mode] = policy.act(inputs, noise=noise, decoder=decoder)  # warm-up (and capture)
-                    act = partial(policy.act, inputs, noise=noise, decoder=decoder)
-                    seconds = [timed(act, warmup=0, iters=iters) for _ in range(repeats)]
+                    try:  # one failing path (a capture that does not work here, say) must not lose the others
+                        decoder = None if mode == "dynamic" else policy.static_decoder(batch, graphs=mode == "graphs")
+                        _reset_peak()
+                        results[mode] = policy.act(inputs, noise=noise, decoder=decoder)  # warm-up (and capture)
+                        act = partial(policy.act, inputs, noise=noise, decoder=decoder)
+                        seconds = [timed(act, warmup=0, iters=iters) for _ in range(repeats)]
+                    except Exception:  # noqa: BLE001
+                        import traceback
+
+                        out.setdefault("errors", {})[f"{weights}/{mode}_b{batch}"] = traceback.format_exc()
+                        print(out["errors"][f"{weights}/{mode}_b{batch}"], flush=True)
+                        continue
                     out["variants"].setdefault(f"{weights}/{mode}", {})[batch] = {
                         "actions_per_s": spread([batch / t for t in seconds]), "peak_gb": _peak_gb(),
                         "fallbacks": 0 if decoder is None else decoder.fallbacks}
-            reference = results["static"]
-            for mode in modes:
+            reference = results.get("static")
+            for mode in results if reference is not None else ():
                 if mode != "static":
                     out["agreement"][f"{weights}/{mode}_vs_static_b{batch}"] = {
                         "token_agreement": float((results[mode].token_ids == reference.token_ids).float().mean()),
                         "max_abs_log_prob_difference": float((results[mode].log_probs - reference.log_probs).abs().max())}
+        if progress is not None:
+            progress(out)
     return out
 
 
@@ -888,16 +915,24 @@ def main(args) -> int:
                 gc.collect()
                 _reset_peak()
     oft_preset = f"{args.preset}-oft".replace("-oft-oft", "-oft")
+
+    def write(part: str):
+        def save(result: dict) -> None:  # what is measured so far, in case the run is cut short
+            report[part] = result
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=1, default=str))
+        return save
+
     if "levers" in parts:
         standin = {k: v for k, v in (("step_seconds", args.standin_step_seconds),
                                      ("render_seconds", args.standin_render_seconds)) if v is not None}
         report["levers"] = measure_levers(device, preset=oft_preset, configs=tuple(args.levers), repeats=args.repeats,
                                           episodes=args.e2e_episodes, num_workers=args.e2e_workers,
                                           max_steps=args.e2e_max_steps, micro_batch=args.update_batch,
-                                          env_kwargs=standin)
+                                          env_kwargs=standin, progress=write("levers"))
     if "decode" in parts:
         report["decode"] = measure_decode(device, batches=tuple(args.batches), preset=args.preset.replace("-oft", ""),
-                                          repeats=args.repeats)
+                                          repeats=args.repeats, progress=write("decode"))
     if ("update" in parts or "phases" in parts) and not result:
         return 0  # not rank 0: rank 0 writes the report
     report["ratios"] = ratios(report)

@@ -104,8 +104,9 @@ class StaticDecoder:
         self.weights_version = weights_version
         self.decode_steps = model.action_dim - 1
         self.buckets = bucket_sizes(max_batch)
-        # The prefill, the decoding steps, and one scratch slot that warm-up and capture write into.
-        self.length = max_prefill + self.decode_steps + 1
+        # The prefill, the decoding steps, and one scratch slot that warm-up and capture write into; a multiple of 16
+        # keys, so that SDPA's memory-efficient kernel takes the mask without padding it at every step.
+        self.length = -(-(max_prefill + self.decode_steps + 1) // 16) * 16
         self.scratch_slot = self.length - 1
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.cache = StaticKVCache(text.num_hidden_layers, max_batch, text.num_key_value_heads, self.length,
