@@ -174,3 +174,21 @@ def test_pool_step_begin_refuses_a_worker_whose_step_is_in_flight(toy_pool):
     other = toy_pool.step_begin({1: chunk})  # another worker may step meanwhile
     assert toy_pool.step_end(other)[1].ok and toy_pool.step_end(pending)[0].ok
     assert toy_pool.step({0: chunk})[0].ok  # and worker 0 takes calls again
+
+
+def test_training_rollout_options(toy_pool):
+    from types import SimpleNamespace
+
+    from trainer.train import rollout_options
+
+    def config(pipeline=True, decode="auto"):
+        return SimpleNamespace(rollout=SimpleNamespace(pipeline=pipeline, decode=decode))
+
+    cpu = SimpleNamespace(device=torch.device("cpu"), backend="single")
+    assert rollout_options(config(), cpu, toy_pool) == {"pipeline": True, "decode": "dynamic"}
+    assert rollout_options(config(), cpu, InlinePool("toy", 1))["pipeline"] is False  # in-process envs cannot overlap
+    assert rollout_options(config(pipeline=False), cpu, toy_pool)["pipeline"] is False
+    for backend, decode in (("single", "graphs"), ("ddp", "graphs"), ("fsdp", "dynamic"), ("deepspeed_zero3", "dynamic")):
+        gpu = SimpleNamespace(device=torch.device("cuda"), backend=backend)
+        assert rollout_options(config(), gpu, toy_pool)["decode"] == decode
+    assert rollout_options(config(decode="static"), cpu, toy_pool)["decode"] == "static"

@@ -676,7 +676,8 @@ def measure_decode(device, batches=(16, 64), preset: str = "openvla-7b", repeats
                         continue
                     out["variants"].setdefault(f"{weights}/{mode}", {})[batch] = {
                         "actions_per_s": spread([batch / t for t in seconds]), "peak_gb": _peak_gb(),
-                        "fallbacks": 0 if decoder is None else decoder.fallbacks}
+                        "fallbacks": 0 if decoder is None else decoder.fallbacks,
+                        "capture_error": None if decoder is None else decoder.capture_error}
             reference = results.get("static")
             for mode in results if reference is not None else ():
                 if mode != "static":

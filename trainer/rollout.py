@@ -2,7 +2,9 @@
 
 Each policy step makes ONE batched policy call for every live env of the rank; OFT chunks (8 actions) are executed
 open-loop by the env worker in one message. When an episode ends, its worker takes the next work item at once, so
-workers stay busy while long episodes finish.
+workers stay busy while long episodes finish. With `pipeline`, the workers are split into two halves and the policy
+acts for one half while the other half's envs step (RLinf-style); every episode samples from its own random stream,
+so the pipelined loop collects the same episodes as the plain one.
 
 The same function serves training rollouts (sampled, or epsilon-greedy during the hand-over), evaluation (greedy or
 sampled, no trajectories kept) and the benchmark.
@@ -58,7 +60,7 @@ class Episode:
 class RolloutStats:
     policy_seconds: float = 0.0
     prepare_seconds: float = 0.0
-    env_seconds: float = 0.0  # wall time of batched env calls, as the parent sees them
+    env_seconds: float = 0.0  # wall time the parent waits in batched env calls (pipelined: in step_end and resets)
     policy_calls: int = 0
     env_steps: int = 0  # actions executed
     wall_seconds: float = 0.0

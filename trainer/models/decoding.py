@@ -19,6 +19,7 @@ padded: the padded rows compute garbage that no real row ever reads (attention a
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -118,6 +119,7 @@ class StaticDecoder:
         self._graph_outputs: dict[int, VLAOutput] = {}
         self._size = self._rows = 0
         self.fallbacks = 0  # act calls whose batch or prompt did not fit, decoded with the dynamic cache instead
+        self.capture_error: str | None = None  # why capturing failed (the decoder then runs its steps eagerly)
 
     @property
     def max_batch(self) -> int:
@@ -137,7 +139,13 @@ class StaticDecoder:
                              f"(up to {self.max_batch} rows and {self.scratch_slot - self.decode_steps} tokens)")
         size = self.bucket(batch)
         if self.graphs and size not in self._graphs:
-            self._capture(size)
+            try:
+                self._capture(size)
+            except Exception as error:  # noqa: BLE001 -- a speed lever must not end a training run
+                self.graphs, self.capture_error = False, f"{type(error).__name__}: {error}"
+                torch.cuda.synchronize(self.device)
+                warnings.warn(f"capturing a decoding step in a CUDA graph failed ({self.capture_error}); the static "
+                              f"cache's steps run eagerly instead", stacklevel=3)
         self.cache.load(prefill.past_key_values, batch)
         self.mask[:size].fill_(False)
         self.mask[:batch, 0, 0, :length] = prefill.attention_mask.bool()
