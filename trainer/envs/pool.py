@@ -9,6 +9,8 @@ lose only the episode whose simulator failed (DESIGN invariant 6). So this pool 
   (or "forkserver") process, which is safe with torch and CUDA loaded in the parent. All workers start at once:
   creating a LIBERO env takes ~5 s, so starting them one after another would cost minutes.
 - reset() and step() send to every addressed worker first, then collect replies until a per-call deadline.
+  step_begin() / step_end() are the two halves of step(): a pipelined rollout runs the policy for some workers while
+  others step.
 - A worker that dies, hangs past the deadline, or raises inside the env is killed (with its process group) and
   replaced by a fresh process at once; its reply carries `env_error` (a description) so the caller drops that episode
   from training and success statistics. The other workers' replies are untouched.
