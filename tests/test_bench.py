@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from trainer import bench
+from trainer.cli import benchmark_advantages, benchmark_objective
 
 
 def test_update_phases_add_up_to_the_step_and_follow_the_lora_targets():
-    all_linear = bench.measure_update_phases(4, preset="tiny", steps=1, lora_targets="all-linear")
+    all_linear = bench.measure_update_phases(4, preset="tiny", steps=1, lora_targets="all-linear",
+                                             objective=benchmark_objective())
     phases = all_linear["phases_seconds"]
     assert list(phases) == ["towers_forward", "projector_forward", "language_model_forward",
                             "language_model_backward (with recompute)", "projector_backward (with recompute)",
@@ -24,7 +26,8 @@ def test_update_phases_add_up_to_the_step_and_follow_the_lora_targets():
     assert "aten::mm" in all_linear["top_cpu_ops"]  # the profiled step is the update (its matmuls), on the CPU here
 
     # LoRA on the language model only: nothing before it needs a gradient, so its backward is the whole backward
-    llm_only = bench.measure_update_phases(4, preset="tiny", steps=1, lora_targets="llm-linear")
+    llm_only = bench.measure_update_phases(4, preset="tiny", steps=1, lora_targets="llm-linear",
+                                           objective=benchmark_objective())
     assert list(llm_only["phases_seconds"]) == ["towers_forward", "projector_forward", "language_model_forward",
                                                 "language_model_backward (with recompute)", "optimizer_step"]
 
@@ -84,7 +87,8 @@ def test_ratios_are_taken_against_the_ceiling_of_the_same_report():
 def test_levers_run_whole_iterations_with_each_lever():
     fast_standin = {"step_seconds": 0.0, "render_seconds": 0.0}
     report = bench.measure_levers("cpu", preset="tiny-oft", configs=("baseline", "pipeline", "all"), repeats=2,
-                                  episodes=4, num_workers=2, max_steps=16, micro_batch=4, env_kwargs=fast_standin)
+                                  episodes=4, num_workers=2, max_steps=16, micro_batch=4, env_kwargs=fast_standin,
+                                  objective=benchmark_objective(), advantages=benchmark_advantages())
     assert list(report["configs"]) == ["baseline", "pipeline", "all"]
     assert report["configs"]["all"]["levers"] == {"pipeline": True, "workers_preprocess": True, "merge_lora": True,
                                                   "recompute": False}
@@ -170,3 +174,9 @@ def test_gpu_check_script_runs_its_code_on_the_cpu(tmp_path):
     assert report["decode"]["agreement"]["lora/dynamic_vs_static_b2"]["token_agreement"] == 1.0
     assert "decode_lora/static_b2" in report["speed_ratios"]
     assert (tmp_path / "decode.md").read_text().count("| lora") == 4
+def test_the_update_part_runs_the_training_update_set_up_as_training_does():
+    """measure_update builds with build.py, sets up with engine.setup_engine and runs Learner.update with the
+    recipe's objective: one optimizer step per call, none skipped, on the launch's (here: single) backend."""
+    result = bench.measure_update(2, preset="tiny", steps=1, lora_targets="llm-linear", objective=benchmark_objective())
+    assert result["backend"] == "single" and result["world_size"] == 1 and result["skipped_steps"] == 0
+    assert result["samples_per_s"] == pytest.approx(2 / result["seconds_per_step"])

@@ -48,7 +48,7 @@ def test_grpo_raises_greedy_and_sampled_success_on_the_toy_task(tmp_path):
 
 @pytest.mark.slow
 def test_ppo_with_a_value_head_and_gae_raises_success_on_the_toy_task(tmp_path):
-    evals = train_on_toy(tmp_path, "--algo.name", "ppo", "--algo.gamma", "0.95", "--optim.value_lr", "3e-3",
+    evals = train_on_toy(tmp_path, "--algo.name", "ppo", "--algo.ppo.gamma", "0.95", "--optim.value_lr", "3e-3",
                          "--train.iterations", "40")
     (first_it, greedy_start, sampled_start), (last_it, greedy_end, sampled_end) = evals[0], evals[-1]
     assert (first_it, last_it) == (0, 40)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import trainer.train
+import trainer.build
+from trainer.engine import merges_lora_for_rollout
 from trainer.envs.base import Observation
 from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
 from trainer.models.config import preset
@@ -121,24 +122,42 @@ def test_merge_choice():
 
 def test_train_setup_uses_the_choices(monkeypatch):
     model = build_model(preset("tiny"), on_meta=True)
-    config = SimpleNamespace(model=SimpleNamespace(gradient_checkpointing="auto"), algo=SimpleNamespace(micro_batch_size=16),
-                             lora=SimpleNamespace(rank=32, enabled=True, target_modules="all-linear"),
-                             rollout=SimpleNamespace(merge_lora="auto"))
+    lora = LoraSettings(rank=32, target_modules="all-linear")
     cuda = SimpleNamespace(device=torch.device("cuda"), max=lambda value: value, backend="single")
-    monkeypatch.setattr(trainer.train, "free_device_bytes", lambda device: 100 * GiB)
-    assert trainer.train.recomputes_activations(config, model, cuda) is False
-    monkeypatch.setattr(trainer.train, "update_memory", lambda *a, **k: UpdateMemory(0, 200 * GiB, 0))
-    assert trainer.train.recomputes_activations(config, model, cuda) is True
-    config.model.gradient_checkpointing = False
-    assert trainer.train.recomputes_activations(config, model, cuda) is False
+    monkeypatch.setattr(trainer.build, "free_device_bytes", lambda device: 100 * GiB)
+    assert trainer.build.recomputes_activations("auto", model, lora, cuda, 16) is False
+    monkeypatch.setattr(trainer.build, "update_memory", lambda *a, **k: UpdateMemory(0, 200 * GiB, 0))
+    assert trainer.build.recomputes_activations("auto", model, lora, cuda, 16) is True
+    assert trainer.build.recomputes_activations(False, model, lora, cuda, 16) is False
 
     policy = SimpleNamespace(merge_copy_bytes=lambda: 13 * GiB)
-    assert trainer.train.merges_lora_for_rollout(config, cuda, policy) is True
-    monkeypatch.setattr(trainer.train, "free_device_bytes", lambda device: 16 * GiB)
-    assert trainer.train.merges_lora_for_rollout(config, cuda, policy) is False
-    monkeypatch.setattr(trainer.train, "free_device_bytes", lambda device: None)  # CPU
-    assert trainer.train.merges_lora_for_rollout(config, cuda, policy) is False
-    assert trainer.train.merges_lora_for_rollout(config, SimpleNamespace(backend="fsdp"), policy) is False
+    assert merges_lora_for_rollout("auto", "single", policy, 100 * GiB) is True
+    assert merges_lora_for_rollout("auto", "ddp", policy, 16 * GiB) is False
+    assert merges_lora_for_rollout("auto", "single", policy, None) is False  # CPU
+    assert merges_lora_for_rollout("auto", "fsdp", policy, 100 * GiB) is False
+    assert merges_lora_for_rollout(True, "single", policy, None) is True  # explicit wins
+
+
+def test_engine_decides_the_merge_at_each_rollout(monkeypatch):
+    """Engine.rollout_weights reads the free memory when a rollout starts ("auto"), so a run merges once it fits."""
+    import trainer.engine
+
+    merged = []
+    policy = SimpleNamespace(merge_copy_bytes=lambda: 13 * GiB, merged_adapters=lambda: merged.append(1) or
+                             __import__("contextlib").nullcontext())
+    dist = SimpleNamespace(backend="single", device=torch.device("cuda"))
+    engine = trainer.engine.SingleEngine(dist, policy, policy, None, None, [], merge_lora="auto")
+    monkeypatch.setattr(trainer.engine, "free_device_bytes", lambda device: 16 * GiB)
+    with engine.rollout_weights():
+        pass
+    assert merged == []
+    monkeypatch.setattr(trainer.engine, "free_device_bytes", lambda device: 100 * GiB)
+    with engine.rollout_weights():
+        pass
+    assert merged == [1]
+    fsdp = trainer.engine.Engine(SimpleNamespace(backend="fsdp", device=dist.device), policy, policy, None, None, [],
+                                 merge_lora="auto")
+    assert fsdp.merge_lora is False
 
 
 def test_merge_copy_bytes_counts_the_adapted_weights():

@@ -14,7 +14,7 @@ from trainer.envs.inline import InlinePool
 from trainer.envs.pool import EnvPool, ResetRequest
 from trainer.envs.sharding import build_work_items
 from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
-from trainer.rollout import _halves, collect_episodes
+from trainer.rollout import worker_halves, collect_episodes
 
 TOY = EnvSettings("none", False, "toy")
 ENV = {"success_radius": 0.35, "max_steps": 12}
@@ -108,7 +108,7 @@ def test_pipelined_rollout_collects_the_same_episodes_and_overlaps_policy_and_en
     # lockstep: one act for all live workers, then one blocking step of them all
     assert [kind for kind, _ in plain_events if kind in ("begin", "end")] == []
     # pipelined: acts for one half at a time, each sent with step_begin before the other half's act
-    halves = [set(half) for half in _halves(4)]
+    halves = [set(half) for half in worker_halves(4)]
     assert all(any(set(workers) <= half for half in halves) for kind, workers in piped_events if kind == "begin")
     assert all(size <= 2 for kind, size in piped_events if kind == "act")
     assert piped_stats.policy_calls == sum(1 for kind, _ in piped_events if kind == "act") > plain_stats.policy_calls

@@ -6,22 +6,53 @@ Random weights (no checkpoint needed). Parts, each optional:
            timm vision towers. "LM+vision" ceilings add the towers' time to the LM's.
   rollout  the policy API (`VLAPolicy.act`, the function rollouts, evaluation and this benchmark share) for
            OpenVLA (7 tokens, KV cache) and OpenVLA-OFT (one forward per 8-action chunk) at batch 1 / 16 / 64.
-  update   the training update (`trainer.train.update_policy`: PPO loss, backward, guard, optimizer step) with
-           LoRA r=32 on all linear layers and gradient checkpointing, on synthetic samples, under whatever
-           backend `accelerate launch` gives it (single GPU, DDP, FSDP2, DeepSpeed ZeRO-2/3; `--int8` for LLM.int8).
+  update   the training update (`Learner.update` with the recipe's objective: PPO loss, backward, guard, optimizer
+           step) with LoRA r=32 on all linear layers and gradient checkpointing, on synthetic samples, under whatever
+           backend `accelerate launch` gives it (single GPU, DDP, FSDP2, DeepSpeed ZeRO-2/3; `--int8` for LLM.int8),
+           built and set up exactly as training does (build.py, engine.setup_engine).
+  levers   issue 13's speed levers end to end: whole RL iterations of OFT on the LIBERO stand-in with each lever
+           (pipelined rollout, images prepared in the env workers, merged LoRA, no recompute) on its own and all
+           together, repeats reported as ranges, against a model-only ceiling of the same run and the FLOP bound.
+  decode   standard OpenVLA's decoding with adapters: transformers' dynamic cache, the static cache and CUDA graphs,
+           merged or not, against the plain-transformers decode ceiling.
+
+The objective is the recipe's (train.objective); this library module does not import the recipe, so the command line
+passes it in: `objective(policy, model, batch, counts) -> (loss, diagnostics)`; likewise the recipe's advantages for
+the levers part: `advantages(episodes, dist) -> (Samples, metrics)`.
 Writes JSON (and a markdown table) to --out.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import gc
 import json
+import re
 import time
-from functools import partial
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
+from peft import LoraConfig, get_peft_model
+from peft.helpers import disable_input_dtype_casting
+from torch.profiler import ProfilerActivity, profile
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from trainer.build import Dtype, EnvConfig, ModelConfig, QuantConfig, QuantMode, Suite, build_optimizer, build_policy
+from trainer.dist import Dist
+from trainer.engine import Engine, OptimConfig, setup_engine
+from trainer.envs.base import Observation
+from trainer.envs.pool import EnvPool
+from trainer.envs.sharding import build_work_items
+from trainer.learner import Counts, Learner, Samples, collate
+from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
+from trainer.models.config import preset as preset_config
+from trainer.models.lora import LoraSettings, apply_lora
+from trainer.models.memory import sequence_length
+from trainer.rollout import collect_episodes
 
 SEQ_OPENVLA = 256 + 1 + 20 + 7  # patches + BOS + prompt + action tokens
 SEQ_OFT = 1 + 512 + 1 + 20 + 56 + 1  # BOS + 2 views of patches + proprio + prompt + action slots + stop
@@ -59,12 +90,7 @@ def _reset_peak():
 
 def measure_ceiling(device, batches=(1, 16, 64), train_batches=(8, 16), preset_name: str = "openvla-7b") -> dict:
     """Plain transformers / timm models of the preset's shapes (no project code in the timed paths)."""
-    import timm
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainer.models.config import preset
-
-    vla_config = preset(preset_name)
+    vla_config = preset_config(preset_name)
     out: dict = {}
     config = LlamaConfig(**{k: v for k, v in vla_config.text_config.items() if k != "model_type"})
     config._attn_implementation = "sdpa"
@@ -103,11 +129,7 @@ def measure_ceiling(device, batches=(1, 16, 64), train_batches=(8, 16), preset_n
 
 def plain_llama(preset_name: str, device):
     """transformers' LlamaForCausalLM of the preset's language model shape, random bf16 weights, SDPA, eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainer.models.config import preset
-
-    config = LlamaConfig(**{k: v for k, v in preset(preset_name).text_config.items() if k != "model_type"})
+    config = LlamaConfig(**{k: v for k, v in preset_config(preset_name).text_config.items() if k != "model_type"})
     config._attn_implementation = "sdpa"
     with torch.device(device):
         return LlamaForCausalLM(config).to(torch.bfloat16).eval()
@@ -130,15 +152,7 @@ def measure_lora_ceiling(device, batches=(8, 16), preset_name: str = "openvla-7b
 
     Two ways, the faster one is the ceiling: PEFT as it comes (fp32 adapters, inputs cast to fp32), and the same fp32
     adapters computing in bf16 under autocast (what `VLAPolicy` does)."""
-    from contextlib import nullcontext
-
-    from peft import LoraConfig, get_peft_model
-    from peft.helpers import disable_input_dtype_casting
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainer.models.config import preset
-
-    vla_config = preset(preset_name)
+    vla_config = preset_config(preset_name)
     vocab = vla_config.base_vocab_size
     if lm is None:
         config = LlamaConfig(**{k: v for k, v in vla_config.text_config.items() if k != "model_type"})
@@ -180,8 +194,6 @@ def measure_lora_ceiling(device, batches=(8, 16), preset_name: str = "openvla-7b
 
 
 def _observations(batch: int, seed: int = 0):
-    from trainer.envs.base import Observation
-
     rng = np.random.default_rng(seed)
     return [Observation(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
                         rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
@@ -190,28 +202,9 @@ def _observations(batch: int, seed: int = 0):
             for _ in range(batch)]
 
 
-def _policy(preset: str, device, lora: bool = False, int8: bool = False, lora_targets: str = "all-linear"):
-    from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
-    from trainer.models.lora import LoraSettings, apply_lora, quantize_int8
-
-    model, tokenizer = load_model_and_tokenizer(f"random:{preset}", seed=0, dtype=torch.bfloat16, device=device)
-    if int8:
-        quantize_int8(model, device)
-    if lora:
-        model.gradient_checkpointing_enable()
-        model = apply_lora(model, LoraSettings(rank=32, alpha=16, target_modules=lora_targets))
-    policy = VLAPolicy(model, tokenizer, EnvSettings("libero", True, "libero_spatial"), value_head=False)
-    return policy.to(device)
-
-
 def measure_rollout(device, batches=(1, 16, 64), presets=("openvla-7b", "openvla-7b-oft")) -> dict:
     """Each preset three ways: the plain model; with LoRA r=32 on all linear layers (the policy as RL rolls it out);
     and the same adapters folded into the weights for the rollout (`rollout.merge_lora`, `VLAPolicy.merged_adapters`)."""
-    from contextlib import nullcontext
-
-    from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
-    from trainer.models.lora import LoraSettings, apply_lora
-
     out: dict = {}
     for preset, variant in ((p, v) for p in presets for v in ("", "+lora", "+lora merged")):
         if variant == "":
@@ -241,9 +234,7 @@ def measure_rollout(device, batches=(1, 16, 64), presets=("openvla-7b", "openvla
     return out
 
 
-def _synthetic_samples(policy, count: int):
-    from trainer.train import Samples
-
+def _synthetic_samples(policy, count: int) -> Samples:
     inputs = policy.prepare(_observations(1))
     result = policy.act(inputs, greedy=False)
     samples = Samples()
@@ -259,60 +250,60 @@ def _synthetic_samples(policy, count: int):
     return samples
 
 
-def _update_setup(batch: int, int8: bool, preset: str, lora_targets: str):
-    """Policy with LoRA, synthetic samples and the optimizer, prepared by the launch's backend."""
-    from trainer.config import RunConfig
-    from trainer.dist import Dist
-    from trainer.models.lora import check_quantization
-    from trainer.train import build_optimizer
+def _lora_policy(preset: str, dist: Dist, lora_targets: str = "all-linear", int8: bool = False) -> VLAPolicy:
+    """The random full-size policy with LoRA r=32 and gradient checkpointing, built as training builds it."""
+    return build_policy(ModelConfig(source=f"random:{preset}", dtype=Dtype.BF16, gradient_checkpointing=True),
+                        LoraSettings(rank=32, alpha=16, target_modules=lora_targets),
+                        QuantConfig(mode=QuantMode.INT8 if int8 else QuantMode.NONE, optimizer_8bit=int8),
+                        EnvConfig(suite=Suite.LIBERO_SPATIAL), dist, value_head=False, seed=0)
 
+
+def _lora_engine(preset: str, lora_targets: str, int8: bool = False) -> Engine:
+    """`_lora_policy`, its optimizer and the launch's engine, set up as training does."""
     dist = Dist.create()
-    config = RunConfig()
-    config.algo.micro_batch_size = batch
-    config.quant.mode = "int8" if int8 else "none"
-    config.quant.optimizer_8bit = int8
-    config.lora.target_modules = lora_targets
-    check_quantization(config.quant.mode, dist.backend)
-    policy = _policy(preset, dist.device, lora=True, int8=int8, lora_targets=lora_targets)
-    samples = _synthetic_samples(policy, batch)
-    optimizer, scheduler = build_optimizer(config, policy)
-    model, optimizer, scheduler = dist.accelerator.prepare(policy, optimizer, scheduler)
-    return config, dist, policy, model, optimizer, samples
+    optim = OptimConfig()
+    policy = _lora_policy(preset, dist, lora_targets, int8)
+    optimizer, _ = build_optimizer(optim, policy, iterations=1, optimizer_8bit=int8)
+    return setup_engine(dist, policy, optimizer, optim)
+
+
+def _update_setup(batch: int, int8: bool, preset: str, lora_targets: str) -> tuple[Engine, Samples]:
+    """The policy with LoRA r=32, its optimizer and engine, built and set up as training does, and synthetic samples."""
+    engine = _lora_engine(preset, lora_targets, int8)
+    return engine, _synthetic_samples(engine.policy, batch)
 
 
 def measure_update(batch: int, int8: bool = False, preset: str = "openvla-7b", steps: int = 3,
-                   lora_targets: str = "all-linear") -> dict:
+                   lora_targets: str = "all-linear", *, objective) -> dict:
     """Samples/s of the real update step (one optimizer step per call) under the launch's backend."""
-    from trainer.train import TrainState, update_policy
-
-    config, dist, policy, model, optimizer, samples = _update_setup(batch, int8, preset, lora_targets)
-    state = TrainState()
+    engine, samples = _update_setup(batch, int8, preset, lora_targets)
+    dist = engine.dist
+    learner = Learner(engine, epochs=1, mini_batches=1, micro_batch_size=batch, seed=0)
+    loss_fn = functools.partial(objective, engine.policy, engine.model)
+    skipped = []
     _reset_peak()
-    policy.train()
-    seconds = timed(lambda: update_policy(config, policy, model, optimizer, samples, dist, 0, False, state),
-                    warmup=1, iters=steps)
+    engine.policy.train()
+    seconds = timed(lambda: skipped.extend(learner.update(samples, loss_fn, 0).skip_reasons), warmup=1, iters=steps)
     result = {"backend": dist.backend + ("+int8" if int8 else ""), "world_size": dist.world_size,
               "model": preset, "lora_targets": lora_targets,
               "per_gpu_batch": batch, "seconds_per_step": seconds,
               "samples_per_s": batch * dist.world_size / seconds, "peak_gb_per_gpu": _peak_gb(),
-              "skipped_steps": state.skipped_steps}
+              "skipped_steps": len(skipped)}
     peaks = dist.gather_objects([_peak_gb()])
     result["peak_gb_per_gpu_all_ranks"] = peaks
     return result if dist.is_main else {}
 
 
 def measure_update_phases(batch: int, int8: bool = False, preset: str = "openvla-7b", steps: int = 3,
-                          lora_targets: str = "all-linear", trace_dir: str | None = None) -> dict:
-    """Where one update step's time goes (one GPU), from CUDA events around the same functions `update_policy`
-    runs (`_micro_batch_loss`, `Dist.backward`, `_optimizer_step`) plus hooks at the towers' and the projector's
-    outputs; then one step under torch.profiler: GPU kernel time by kind, and the GPU's idle share of the step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from trainer.train import TrainState, _micro_batch_loss, _optimizer_step
-
-    config, dist, policy, model, optimizer, samples = _update_setup(batch, int8, preset, lora_targets)
-    base, state, marks = policy.base_model, TrainState(), {}
+                          lora_targets: str = "all-linear", trace_dir: str | None = None, *, objective) -> dict:
+    """Where one update step's time goes (one GPU), from CUDA events around the same calls `Learner.update` makes
+    (the objective, `Engine.backward`, `Engine.step`) plus hooks at the towers' and the projector's outputs; then
+    one step under torch.profiler: GPU kernel time by kind, and the GPU's idle share of the step."""
+    engine, samples = _update_setup(batch, int8, preset, lora_targets)
+    dist, policy = engine.dist, engine.policy
+    base, marks = policy.base_model, {}
     indices = list(range(len(samples)))
+    counts = Counts(sequences=float(len(indices)), tokens=float(sum(samples.token_masks[i].sum() for i in indices)))
 
     def mark(name: str):
         marks[name] = Mark()
@@ -330,12 +321,11 @@ def measure_update_phases(batch: int, int8: bool = False, preset: str = "openvla
     def step():
         marks.clear()
         mark("start")
-        loss, _ = _micro_batch_loss(config, policy, model, samples, indices, float(len(indices)),
-                                    float(sum(samples.token_masks[i].sum() for i in indices)), False, None)
+        loss, _ = objective(policy, engine.model, collate(samples, indices, policy, dist.device), counts)
         mark("language_model_forward")  # with the action log-softmax and the loss
-        dist.backward(model, loss, sync=True)
+        engine.backward(loss, last=True)
         mark("backward")
-        _optimizer_step(config, policy, model, optimizer, dist, state)
+        engine.step()
         mark("optimizer_step")
 
     policy.train()
@@ -397,7 +387,6 @@ class Mark:
 
 def kernel_time_by_kind(prof) -> dict[str, float]:
     """Seconds of GPU kernels of a profiled region, by kind (matrix multiplies, attention, the rest)."""
-    import re
 
     kinds = {"matmul": re.compile(r"gemm|cutlass|xmma|nvjet|cublas|sm\d+_.*(?:mma|tensorop)", re.I),
              "attention": re.compile(r"flash|fmha|attention|sdpa", re.I),
@@ -429,8 +418,6 @@ def spread(values: list[float]) -> dict:
 
 def forward_flops(policy, text_tokens: int) -> float:
     """2 FLOP per parameter per token of one forward (the issue's accounting), for the sequence of one sample."""
-    from trainer.models.memory import sequence_length
-
     params = sum(p.numel() for p in policy.base_model.parameters())
     return 2.0 * params * sequence_length(policy.base_model, text_tokens)
 
@@ -468,24 +455,17 @@ def _set_recompute(policy, on: bool) -> None:
 
 def measure_levers(device, preset: str = "openvla-7b-oft", configs=tuple(LEVER_CONFIGS), repeats: int = 3,
                    episodes: int = 16, num_workers: int = 16, max_steps: int = 40, micro_batch: int = 16,
-                   env_kwargs: dict | None = None, ceiling: bool = True, progress=None) -> dict:
+                   env_kwargs: dict | None = None, ceiling: bool = True, progress=None, *, objective,
+                   advantages) -> dict:
     """Whole RL iterations (rollout -> GRPO advantages -> one PPO update epoch) of the random full-size policy with
     LoRA r=32 on all linear layers on the LIBERO stand-in env, with each lever of issue 13 on its own and all together
-    (LEVER_CONFIGS), `repeats` iterations each. The same functions the trainer runs (collect_episodes,
-    episode_advantages, update_policy); the policy and both env pools (images prepared in the trainer / in the
-    workers) are built once. Env steps per second of each iteration, its split, the ratio to the baseline, to the
+    (LEVER_CONFIGS), `repeats` iterations each. What the trainer runs: collect_episodes inside
+    `Engine.rollout_weights`, the recipe's `advantages(episodes, dist) -> (Samples, metrics)` and `Learner.update` with
+    the recipe's `objective` (both passed in, see the module docstring); the policy, its engine and both env pools
+    (images prepared in the trainer / in the workers) are built once. Env steps per second of each iteration, its split, the ratio to the baseline, to the
     FLOP bound, and to a model-only ceiling of the same run (plain transformers: the OFT-length prefill and LoRA
     update, 1 / (1/rollout + 1/update) per env step). `progress(out)` is called after each configuration (the
     caller writes what is measured so far: a run cut short by a time limit keeps it)."""
-    from contextlib import nullcontext
-
-    from trainer.config import RunConfig
-    from trainer.dist import Dist
-    from trainer.envs.pool import EnvPool
-    from trainer.envs.sharding import build_work_items
-    from trainer.rollout import collect_episodes
-    from trainer.train import TrainState, build_optimizer, episode_advantages, update_policy
-
     device = torch.device(device)
     unknown = sorted(set(configs) - set(LEVER_CONFIGS))
     if unknown:
@@ -494,16 +474,11 @@ def measure_levers(device, preset: str = "openvla-7b-oft", configs=tuple(LEVER_C
                  "micro_batch": micro_batch, "repeats": repeats, "configs": {}}
     if ceiling:
         out["ceiling"] = measure_oft_ceiling(device, preset, micro_batch)
-    dist = Dist.create()
-    config = RunConfig()
-    config.algo.micro_batch_size = micro_batch
-    config.algo.dynamic_sampling = False
-    config.rollout.temperature = 1.6
-    policy = _policy(preset, device, lora=True)
-    optimizer, _ = build_optimizer(config, policy)
-    model, optimizer = dist.prepare(policy, optimizer, max_grad_norm=config.optim.max_grad_norm)
+    engine = _lora_engine(preset, "all-linear")
+    policy, dist = engine.policy, engine.dist
+    learner = Learner(engine, epochs=1, mini_batches=1, micro_batch_size=micro_batch, seed=0)
+    loss_fn = functools.partial(objective, policy, engine.model)
     env = {"max_steps": max_steps, **(env_kwargs or {})}
-    state = TrainState()
     text_tokens: list[int] = []
 
     def flop_bounds() -> None:
@@ -523,14 +498,15 @@ def measure_levers(device, preset: str = "openvla-7b-oft", configs=tuple(LEVER_C
             _sync()
             start = time.perf_counter()
             policy.eval()
-            with policy.merged_adapters() if merge else nullcontext():
+            engine.merge_lora = merge  # what rollout.merge_lora sets (explicitly on or off here)
+            with engine.rollout_weights():
                 episodes_, stats = collect_episodes(
-                    policy, prepared_pool if in_workers else plain_pool, items, temperature=1.6, run_seed=1,
-                    episode_offset=index * 1000, model=model, pipeline=pipeline)
+                    policy, prepared_pool if in_workers else plain_pool, items, temperature=1.0, run_seed=1,
+                    episode_offset=index * 1000, model=engine.model, pipeline=pipeline)
             rollout_seconds = time.perf_counter() - start
-            samples, _ = episode_advantages(config, episodes_, dist, bc_phase=False)
+            samples, _ = advantages(episodes_, dist)
             policy.train()
-            update_policy(config, policy, model, optimizer, samples, dist, index, False, state)
+            learner.update(samples, loss_fn, index)
             _sync()
             seconds = time.perf_counter() - start
             text_tokens.extend(int(e.inputs[0].text_mask.sum()) for e in episodes_ if e.inputs)
@@ -577,11 +553,6 @@ def measure_levers(device, preset: str = "openvla-7b-oft", configs=tuple(LEVER_C
 def measure_oft_ceiling(device, preset: str = "openvla-7b-oft", batch: int = 16) -> dict:
     """Plain transformers at OpenVLA-OFT's sequence length: the prefill (one chunk per sample), and the LoRA r=32
     forward + backward + AdamW step with and without recompute (adapters in bf16 under autocast, as the policy)."""
-    from peft import LoraConfig, get_peft_model
-    from peft.helpers import disable_input_dtype_casting
-
-    from trainer.models.config import preset as preset_config
-
     device = torch.device(device)
     vocab = preset_config(preset).base_vocab_size
     lm = plain_llama(preset.replace("-oft", ""), device)
@@ -627,8 +598,6 @@ def measure_decode(device, batches=(16, 64), preset: str = "openvla-7b", repeats
     plain-transformers decode ceiling of the same run (prefill + 6 cached greedy steps, LM only, and with the towers)
     and the FLOP bound; `repeats` timings of `iters` calls each. Also how far the paths agree on the same noise
     (tokens and log-probs of graphs vs eager static vs dynamic). `progress(out)` is called after each batch size."""
-    from contextlib import nullcontext
-
     device = torch.device(device)
     out: dict = {"preset": preset, "repeats": repeats, "iters": iters, "ceiling": {}, "variants": {}, "agreement": {}}
     if ceiling:
@@ -637,7 +606,7 @@ def measure_decode(device, batches=(16, 64), preset: str = "openvla-7b", repeats
         for batch in batches:
             ids = torch.randint(0, lm.config.vocab_size - 64, (batch, SEQ_OPENVLA - 7), device=device)
             plain_decode7(lm, ids)
-            lm_seconds = [timed(partial(plain_decode7, lm, ids), warmup=0, iters=iters) for _ in range(repeats)]
+            lm_seconds = [timed(functools.partial(plain_decode7, lm, ids), warmup=0, iters=iters) for _ in range(repeats)]
             vision = _time_towers(towers, batch, device, iters)
             out["ceiling"][batch] = {"decode7_actions_per_s": spread([batch / t for t in lm_seconds]),
                                      "decode7_plus_vision_actions_per_s": spread(
@@ -645,7 +614,7 @@ def measure_decode(device, batches=(16, 64), preset: str = "openvla-7b", repeats
         lm = towers = None  # freed before the policy is built
         gc.collect()
         _reset_peak()
-    policy = _policy(preset, device, lora=True)
+    policy = _lora_policy(preset, Dist.create())
     with torch.no_grad():  # adapters that change the outputs (lora_B starts at zero)
         generator = torch.Generator().manual_seed(0)
         for name, param in policy.named_parameters():
@@ -666,7 +635,7 @@ def measure_decode(device, batches=(16, 64), preset: str = "openvla-7b", repeats
                         decoder = None if mode == "dynamic" else policy.static_decoder(batch, graphs=mode == "graphs")
                         _reset_peak()
                         results[mode] = policy.act(inputs, noise=noise, decoder=decoder)  # warm-up (and capture)
-                        act = partial(policy.act, inputs, noise=noise, decoder=decoder)
+                        act = functools.partial(policy.act, inputs, noise=noise, decoder=decoder)
                         seconds = [timed(act, warmup=0, iters=iters) for _ in range(repeats)]
                     except Exception:  # noqa: BLE001
                         import traceback
@@ -690,11 +659,7 @@ def measure_decode(device, batches=(16, 64), preset: str = "openvla-7b", repeats
 
 
 def _towers(preset_name: str, device):
-    import timm
-
-    from trainer.models.config import preset
-
-    config = preset(preset_name)
+    config = preset_config(preset_name)
     return [timm.create_model(m, pretrained=False, num_classes=0, **{"img_size": config.image_size, **kw})
             .to(device, torch.bfloat16).eval()
             for m, kw in zip(config.timm_model_ids, config.trainer.timm_model_kwargs)]
@@ -871,9 +836,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
-    import datetime
-
+def main(args, objective, advantages=None) -> int:
+    """`python -m trainer bench`; `objective` and `advantages` (the levers part): the recipe's, with their options
+    bound (see the module docstring)."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     report: dict = {}
     path = Path(args.out)
@@ -901,7 +866,7 @@ def main(args) -> int:
         for model in args.models:
             for targets in args.lora_targets:
                 result = measure_update_phases(args.update_batch, int8=args.int8, preset=model, steps=args.steps,
-                                               lora_targets=targets, trace_dir=args.trace_dir)
+                                               lora_targets=targets, trace_dir=args.trace_dir, objective=objective)
                 if result:
                     report.setdefault("phases", []).append(result)
                 gc.collect()
@@ -910,7 +875,7 @@ def main(args) -> int:
         for model in args.models:
             for targets in args.lora_targets:
                 result = measure_update(args.update_batch, int8=args.int8, steps=args.steps, preset=model,
-                                        lora_targets=targets)
+                                        lora_targets=targets, objective=objective)
                 if result:
                     report.setdefault("update", []).append(result)
                 gc.collect()
@@ -930,7 +895,8 @@ def main(args) -> int:
         report["levers"] = measure_levers(device, preset=oft_preset, configs=tuple(args.levers), repeats=args.repeats,
                                           episodes=args.e2e_episodes, num_workers=args.e2e_workers,
                                           max_steps=args.e2e_max_steps, micro_batch=args.update_batch,
-                                          env_kwargs=standin, progress=write("levers"))
+                                          env_kwargs=standin, progress=write("levers"), objective=objective,
+                                          advantages=advantages)
     if "decode" in parts:
         report["decode"] = measure_decode(device, batches=tuple(args.batches), preset=args.preset.replace("-oft", ""),
                                           repeats=args.repeats, progress=write("decode"))

@@ -123,7 +123,7 @@ def collect_episodes(
         base_seed = sampling_seed(run_seed, rank, episode_offset)
     else:
         base_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    halves = _halves(pool.num_workers) if pipeline else [list(range(pool.num_workers))]
+    halves = worker_halves(pool.num_workers) if pipeline else [list(range(pool.num_workers))]
     decoder = None
     if decode != "dynamic":
         decoder = policy.static_decoder(max(len(half) for half in halves), graphs=decode == "graphs")
@@ -140,7 +140,7 @@ def collect_episodes(
     return run.episodes, run.stats
 
 
-def _halves(num_workers: int) -> list[list[int]]:
+def worker_halves(num_workers: int) -> list[list[int]]:
     """Workers [0, n/2) and [n/2, n): the lower half first, so that ended episodes take new items in worker order,
     as in the lockstep loop."""
     middle = (num_workers + 1) // 2
