@@ -11,6 +11,10 @@
 #                                      # bf16 and int8 (writes $OUT/profile.json)
 #   bash scripts/bench_gpu.sh followup # 2-GPU host: rollout with merged LoRA vs the ceiling, FSDP2's update phases,
 #                                      # FSDP2 with decoder-layer shard units only, 1-GPU e2e with merged-LoRA rollouts
+#   bash scripts/bench_gpu.sh speed    # issue 13's levers (2 GPUs, both at once; < 9 min): GPU 0 runs whole OFT
+#                                      # iterations on the LIBERO stand-in with each lever on its own and together
+#                                      # ($OUT/levers.json); GPU 1 checks CUDA-graph decoding against the eager paths
+#                                      # and times OpenVLA's decode vs the plain-transformers ceiling ($OUT/decode.json)
 # Real LIBERO (carry .libero_kit and .gl, made by scripts/prepare_gpu_carry.sh; .osmesa too for libero_costs):
 #   bash scripts/bench_gpu.sh libero_costs  # per-step costs (build, reset, physics, EGL and OSMesa rendering) and
 #                                           # pools of 8/16/24 workers on 16 cores; EGL per rank shown on 2 GPUs,
@@ -26,6 +30,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # scripts/*.py import the trainer package from the checkout
 report="$OUT/report.json"
 run() { echo "=== $*"; local start=$SECONDS; "$@" 2>&1 | grep -v -E "Warning|warn\(|kernels-community|USDT|gpuGetDeviceCount" | tail -${TAIL:-40}; echo "=== took $((SECONDS - start)) s"; }
 launch() { local config=$1; shift; run $PY -m accelerate.commands.launch --config_file "$config" --num_processes 2 "$@"; }
@@ -132,6 +137,39 @@ case "$stage" in
       --out "$OUT/fsdp2_llm_units.json"
     CUDA_VISIBLE_DEVICES=0 e2e oft_1gpu_merged timeout 150 $PY -m trainer train --config configs/bench_standin_oft.yaml \
       --rollout.merge_lora true
+    ;;
+  speed)
+    budget=${SPEED_BUDGET:-520}  # seconds for the whole stage (a device call: < 9 min)
+    decode_stage() {
+      timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_decoding.py -k "graph" 2>&1
+      timeout 330 $PY scripts/check_gpu_paths.py "$OUT" --batches 16 64 --repeats ${REPEATS:-3} 2>&1
+      # then, in the time left, standard OpenVLA end to end through the trainer (static cache + CUDA graphs, all
+      # levers at their defaults) on the stand-in env
+      local left=$((budget - (SECONDS - start) - 10))
+      if (( left > 150 )); then
+        timeout $left $PY -m trainer train --config configs/bench_standin_openvla.yaml --train.iterations 3 \
+          --train.output_dir /tmp/e2e_openvla 2>&1 | grep -v -E "Warning|warn\("
+        cp /tmp/e2e_openvla/metrics.jsonl "$OUT/e2e_openvla.jsonl"
+      else
+        echo "=== no time left for the OpenVLA end-to-end run ($left s)"
+      fi
+    }
+    levers_stage() {
+      timeout $((budget - 10)) $PY -m trainer bench --parts levers --repeats ${REPEATS:-3} \
+        --e2e-episodes ${E2E_EPISODES:-16} --e2e-max-steps ${E2E_MAX_STEPS:-40} --out "$OUT/levers.json" 2>&1
+    }
+    start=$SECONDS
+    if (( $(nvidia-smi -L | wc -l) >= 2 )); then  # the two halves at once, one GPU each
+      (export CUDA_VISIBLE_DEVICES=1; decode_stage > "$OUT/decode.log" 2>&1) &
+      (export CUDA_VISIBLE_DEVICES=0; levers_stage > "$OUT/levers.log" 2>&1)
+      wait
+    else  # one GPU: one after the other (about twice as long: give each its own call, SPEED_STAGE=decode / levers)
+      [[ ${SPEED_STAGE:-decode} == decode ]] && decode_stage > "$OUT/decode.log" 2>&1
+      [[ ${SPEED_STAGE:-levers} == levers ]] && levers_stage > "$OUT/levers.log" 2>&1
+    fi
+    echo "=== speed stage took $((SECONDS - start)) s"
+    grep -v -E "Warning|warn\(|kernels-community" "$OUT/decode.log" | tail -n ${TAIL:-45}
+    grep -v -E "Warning|warn\(|kernels-community" "$OUT/levers.log" | tail -n ${TAIL:-45}
     ;;
   e2e2)
     for backend in ${BACKENDS:-fsdp_1node ddp_2gpu deepspeed_zero3}; do

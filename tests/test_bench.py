@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainer import bench
-from trainer.cli import benchmark_objective
+from trainer.cli import benchmark_advantages, benchmark_objective
 
 
 def test_update_phases_add_up_to_the_step_and_follow_the_lora_targets():
@@ -81,6 +81,99 @@ def test_ratios_are_taken_against_the_ceiling_of_the_same_report():
                          "rollout": report["rollout"]}) == {}
 
 
+# --- issue 13's speed levers and the decoding paths ------------------------------------------------------------------
+
+
+def test_levers_run_whole_iterations_with_each_lever():
+    fast_standin = {"step_seconds": 0.0, "render_seconds": 0.0}
+    report = bench.measure_levers("cpu", preset="tiny-oft", configs=("baseline", "pipeline", "all"), repeats=2,
+                                  episodes=4, num_workers=2, max_steps=16, micro_batch=4, env_kwargs=fast_standin,
+                                  objective=benchmark_objective(), advantages=benchmark_advantages())
+    assert list(report["configs"]) == ["baseline", "pipeline", "all"]
+    assert report["configs"]["all"]["levers"] == {"pipeline": True, "workers_preprocess": True, "merge_lora": True,
+                                                  "recompute": False}
+    for result in report["configs"].values():
+        assert len(result["iterations"]) == 2
+        for run in result["iterations"]:
+            assert run["env_errors"] == 0 and run["samples"] > 0
+            assert 4 <= run["env_steps"] <= 4 * 16  # 4 episodes of at most 16 steps
+            assert run["env_steps_per_s"] == pytest.approx(run["env_steps"] / run["seconds"])
+            assert run["rollout_seconds"] + run["update_seconds"] == pytest.approx(run["seconds"])
+        rates = [run["env_steps_per_s"] for run in result["iterations"]]
+        assert result["env_steps_per_s"] == {"median": pytest.approx(sum(rates) / 2), "min": min(rates),
+                                             "max": max(rates), "values": sorted(rates)}
+    # the pipelined configurations act for one half of the workers at a time: one call per worker and step here
+    per_step = {name: [run["policy_calls"] for run in result["iterations"]] for name, result in report["configs"].items()}
+    assert all(calls >= 2 * 2 for calls in per_step["pipeline"] + per_step["all"])  # >= 2 steps of 2 workers
+    # OFT-length plain-transformers ceilings of the same run, and the FLOP bound (issue 13's accounting)
+    assert {"prefill_chunks_per_s", "lora_train_recompute", "lora_train_no_recompute"} <= set(report["ceiling"])
+    bound = report["flop_bound_env_steps_per_s"]
+    assert bound["no_recompute"] / bound["recompute"] == pytest.approx((1 + 3) / (1 + 2))
+    ratios = bench.speed_ratios({"levers": report})
+    assert ratios["e2e_baseline"]["vs_baseline"] == 1.0
+    assert set(ratios["e2e_all"]) == {"env_steps_per_s", "vs_flop_bound", "vs_baseline", "vs_model_only_ceiling"}
+
+
+def test_flop_bound_is_the_issue_accounting():
+    """Issue 13: a 591-token OFT forward is ~9 TFLOP (2 per parameter and token), rollout + one update epoch ~4.5
+    TFLOP per env step -> ~175 env steps/s at 790 TFLOP/s with recompute, ~235 without."""
+    from trainer.models.config import preset
+    from trainer.models.loading import build_model
+
+    policy = SimpleNamespace(base_model=build_model(preset("openvla-7b-oft"), on_meta=True), chunk_size=8)
+    assert bench.forward_flops(policy, text_tokens=20) / 1e12 == pytest.approx(9.0, rel=0.02)
+    assert bench.flop_bound_env_steps_per_s(policy, 20, recompute=True) == pytest.approx(175, rel=0.02)
+    assert bench.flop_bound_env_steps_per_s(policy, 20, recompute=False) == pytest.approx(235, rel=0.02)
+    openvla = SimpleNamespace(base_model=build_model(preset("openvla-7b"), on_meta=True), chunk_size=1)
+    assert bench.forward_flops(openvla, text_tokens=20) / 1e12 == pytest.approx(4.3, rel=0.02)  # "~4 TFLOP"
+
+
+def test_speed_ratios_are_taken_against_the_same_report():
+    def rate(median):
+        return {"median": median, "min": median, "max": median, "values": [median]}
+
+    report = {
+        "levers": {"configs": {"baseline": {"env_steps_per_s": rate(40.0), "levers": {"recompute": True}},
+                               "all": {"env_steps_per_s": rate(90.0), "levers": {"recompute": False}}},
+                   "flop_bound_env_steps_per_s": {"recompute": 175.0, "no_recompute": 225.0},
+                   "ceiling": {"prefill_chunks_per_s": 60.0, "lora_train_recompute": {"samples_per_s": 12.0},
+                               "lora_train_no_recompute": {"samples_per_s": 20.0}}},
+        "decode": {"flop_bound_actions_per_s": 200.0,
+                   "ceiling": {16: {"decode7_actions_per_s": rate(64.0),
+                                    "decode7_plus_vision_actions_per_s": rate(50.0)}},
+                   "variants": {"lora/dynamic": {16: {"actions_per_s": rate(25.0)}},
+                                "lora/graphs": {16: {"actions_per_s": rate(100.0)}}}},
+    }
+    ratios = bench.speed_ratios(report)
+    assert ratios["e2e_all"] == pytest.approx({"env_steps_per_s": 90.0, "vs_flop_bound": 0.4, "vs_baseline": 2.25,
+                                               "vs_model_only_ceiling": 90.0 / (1 / (1 / 480 + 1 / 160))})
+    assert ratios["e2e_baseline"]["vs_model_only_ceiling"] == pytest.approx(40.0 / (1 / (1 / 480 + 1 / 96)))
+    assert ratios["decode_lora/graphs_b16"] == pytest.approx({"actions_per_s": 100.0, "vs_flop_bound": 0.5,
+                                                              "vs_dynamic_cache": 4.0, "vs_lm_decode_ceiling": 1.5625,
+                                                              "vs_lm_decode_plus_vision": 2.0})
+
+
+def test_gpu_check_script_runs_its_code_on_the_cpu(tmp_path):
+    """scripts/check_gpu_paths.py with --cpu: every check and the decode benchmark, with nothing captured (the
+    'graph' decoder is a second eager one), on the tiny preset."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "check_gpu_paths.py"
+    spec = importlib.util.spec_from_file_location("check_gpu_paths", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(tmp_path), "--cpu", "--preset", "tiny", "--batches", "2", "--repeats", "1"]) == 0
+    report = json.loads((tmp_path / "decode.json").read_text())
+    assert report["failures"] == []
+    assert all(check["ok"] for check in report["tiny_checks"].values())
+    assert report["tiny_checks"]["tiny_float32"]["graph_vs_eager_token_mismatches"] == 0
+    variants = report["decode"]["variants"]
+    assert set(variants) == {"lora/dynamic", "lora/static", "lora merged/dynamic", "lora merged/static"}
+    assert report["decode"]["agreement"]["lora/dynamic_vs_static_b2"]["token_agreement"] == 1.0
+    assert "decode_lora/static_b2" in report["speed_ratios"]
+    assert (tmp_path / "decode.md").read_text().count("| lora") == 4
 def test_the_update_part_runs_the_training_update_set_up_as_training_does():
     """measure_update builds with build.py, sets up with engine.setup_engine and runs Learner.update with the
     recipe's objective: one optimizer step per call, none skipped, on the launch's (here: single) backend."""

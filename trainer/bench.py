@@ -10,9 +10,15 @@ Random weights (no checkpoint needed). Parts, each optional:
            step) with LoRA r=32 on all linear layers and gradient checkpointing, on synthetic samples, under whatever
            backend `accelerate launch` gives it (single GPU, DDP, FSDP2, DeepSpeed ZeRO-2/3; `--int8` for LLM.int8),
            built and set up exactly as training does (build.py, engine.setup_engine).
+  levers   issue 13's speed levers end to end: whole RL iterations of OFT on the LIBERO stand-in with each lever
+           (pipelined rollout, images prepared in the env workers, merged LoRA, no recompute) on its own and all
+           together, repeats reported as ranges, against a model-only ceiling of the same run and the FLOP bound.
+  decode   standard OpenVLA's decoding with adapters: transformers' dynamic cache, the static cache and CUDA graphs,
+           merged or not, against the plain-transformers decode ceiling.
 
 The objective is the recipe's (train.objective); this library module does not import the recipe, so the command line
-passes it in: `objective(policy, model, batch, counts) -> (loss, diagnostics)`.
+passes it in: `objective(policy, model, batch, counts) -> (loss, diagnostics)`; likewise the recipe's advantages for
+the levers part: `advantages(episodes, dist) -> (Samples, metrics)`.
 Writes JSON (and a markdown table) to --out.
 """
 
@@ -39,10 +45,14 @@ from trainer.build import Dtype, EnvConfig, ModelConfig, QuantConfig, QuantMode,
 from trainer.dist import Dist
 from trainer.engine import Engine, OptimConfig, setup_engine
 from trainer.envs.base import Observation
+from trainer.envs.pool import EnvPool
+from trainer.envs.sharding import build_work_items
 from trainer.learner import Counts, Learner, Samples, collate
 from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
 from trainer.models.config import preset as preset_config
 from trainer.models.lora import LoraSettings, apply_lora
+from trainer.models.memory import sequence_length
+from trainer.rollout import collect_episodes
 
 SEQ_OPENVLA = 256 + 1 + 20 + 7  # patches + BOS + prompt + action tokens
 SEQ_OFT = 1 + 512 + 1 + 20 + 56 + 1  # BOS + 2 views of patches + proprio + prompt + action slots + stop
@@ -97,15 +107,7 @@ def measure_ceiling(device, batches=(1, 16, 64), train_batches=(8, 16), preset_n
         out["decode7"] = {}
         for batch in batches:
             ids = torch.randint(0, vocab, (batch, SEQ_OPENVLA - 7), device=device)
-
-            def decode():
-                o = lm(input_ids=ids, use_cache=True, logits_to_keep=1)
-                cache, token = o.past_key_values, o.logits[:, -1:].argmax(-1)
-                for _ in range(6):
-                    o = lm(input_ids=token, past_key_values=cache, use_cache=True)
-                    cache, token = o.past_key_values, o.logits[:, -1:].argmax(-1)
-
-            seconds = timed(decode)
+            seconds = timed(lambda: plain_decode7(lm, ids))
             out["decode7"][batch] = {"seconds": seconds, "actions_per_s": batch / seconds}
     towers = [timm.create_model(m, pretrained=False, num_classes=0, **{"img_size": vla_config.image_size, **kw})
               .to(device, torch.bfloat16).eval()
@@ -123,6 +125,25 @@ def measure_ceiling(device, batches=(1, 16, 64), train_batches=(8, 16), preset_n
     gc.collect()
     _reset_peak()
     return out
+
+
+def plain_llama(preset_name: str, device):
+    """transformers' LlamaForCausalLM of the preset's language model shape, random bf16 weights, SDPA, eval mode."""
+    config = LlamaConfig(**{k: v for k, v in preset_config(preset_name).text_config.items() if k != "model_type"})
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+@torch.no_grad()
+def plain_decode7(lm, ids: torch.Tensor) -> torch.Tensor:
+    """The plain-transformers decode ceiling: prefill, then 6 greedy steps with the dynamic KV cache."""
+    out = lm(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    for _ in range(6):
+        out = lm(input_ids=token, past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return token
 
 
 def measure_lora_ceiling(device, batches=(8, 16), preset_name: str = "openvla-7b", lm=None) -> dict:
@@ -229,17 +250,27 @@ def _synthetic_samples(policy, count: int) -> Samples:
     return samples
 
 
-def _update_setup(batch: int, int8: bool, preset: str, lora_targets: str) -> tuple[Engine, Samples]:
-    """The policy with LoRA r=32, its optimizer and engine, built and set up as training does, and synthetic samples."""
+def _lora_policy(preset: str, dist: Dist, lora_targets: str = "all-linear", int8: bool = False) -> VLAPolicy:
+    """The random full-size policy with LoRA r=32 and gradient checkpointing, built as training builds it."""
+    return build_policy(ModelConfig(source=f"random:{preset}", dtype=Dtype.BF16, gradient_checkpointing=True),
+                        LoraSettings(rank=32, alpha=16, target_modules=lora_targets),
+                        QuantConfig(mode=QuantMode.INT8 if int8 else QuantMode.NONE, optimizer_8bit=int8),
+                        EnvConfig(suite=Suite.LIBERO_SPATIAL), dist, value_head=False, seed=0)
+
+
+def _lora_engine(preset: str, lora_targets: str, int8: bool = False) -> Engine:
+    """`_lora_policy`, its optimizer and the launch's engine, set up as training does."""
     dist = Dist.create()
     optim = OptimConfig()
-    policy = build_policy(ModelConfig(source=f"random:{preset}", dtype=Dtype.BF16, gradient_checkpointing=True),
-                          LoraSettings(rank=32, alpha=16, target_modules=lora_targets),
-                          QuantConfig(mode=QuantMode.INT8 if int8 else QuantMode.NONE, optimizer_8bit=int8),
-                          EnvConfig(suite=Suite.LIBERO_SPATIAL), dist, value_head=False, seed=0)
+    policy = _lora_policy(preset, dist, lora_targets, int8)
     optimizer, _ = build_optimizer(optim, policy, iterations=1, optimizer_8bit=int8)
-    engine = setup_engine(dist, policy, optimizer, optim)
-    return engine, _synthetic_samples(policy, batch)
+    return setup_engine(dist, policy, optimizer, optim)
+
+
+def _update_setup(batch: int, int8: bool, preset: str, lora_targets: str) -> tuple[Engine, Samples]:
+    """The policy with LoRA r=32, its optimizer and engine, built and set up as training does, and synthetic samples."""
+    engine = _lora_engine(preset, lora_targets, int8)
+    return engine, _synthetic_samples(engine.policy, batch)
 
 
 def measure_update(batch: int, int8: bool = False, preset: str = "openvla-7b", steps: int = 3,
@@ -370,6 +401,316 @@ def kernel_time_by_kind(prof) -> dict[str, float]:
     return out
 
 
+# --- speed levers (issue 13): each on its own and together, against ceilings of the same run and the FLOP bound ----
+
+# The FLOP bound of issue 13: 2 FLOP per parameter and token of a forward (towers included), at the dense bf16 matrix
+# rate measured on an H200 of this workplace (788-798 TFLOP/s on random data; the issue uses 790). An update costs
+# about 3 forwards with recompute (the base is frozen: input gradients only), 2 without.
+PEAK_BF16_FLOPS = 790e12
+UPDATE_FORWARDS = {True: 3.0, False: 2.0}
+
+
+def spread(values: list[float]) -> dict:
+    """Median and range of repeated measurements."""
+    ordered = sorted(values)
+    return {"median": float(np.median(ordered)), "min": ordered[0], "max": ordered[-1], "values": ordered}
+
+
+def forward_flops(policy, text_tokens: int) -> float:
+    """2 FLOP per parameter per token of one forward (the issue's accounting), for the sequence of one sample."""
+    params = sum(p.numel() for p in policy.base_model.parameters())
+    return 2.0 * params * sequence_length(policy.base_model, text_tokens)
+
+
+def flop_bound_actions_per_s(policy, text_tokens: int, peak: float = PEAK_BF16_FLOPS) -> float:
+    """Rollout only: actions per second if every forward ran at the peak rate (one forward per chunk)."""
+    return peak / forward_flops(policy, text_tokens) * policy.chunk_size
+
+
+def flop_bound_env_steps_per_s(policy, text_tokens: int, recompute: bool, epochs: int = 1,
+                               peak: float = PEAK_BF16_FLOPS) -> float:
+    """Rollout + `epochs` update epochs per env step at the peak rate (issue 13: ~175 for OFT with recompute, ~235
+    without)."""
+    per_step = forward_flops(policy, text_tokens) / policy.chunk_size * (1 + epochs * UPDATE_FORWARDS[recompute])
+    return peak / per_step
+
+
+LEVER_CONFIGS = {  # name -> (pipeline, images prepared in the workers, merge_lora, recompute)
+    "baseline": (False, False, False, True),
+    "pipeline": (True, False, False, True),
+    "workers_preprocess": (False, True, False, True),
+    "merge_lora": (False, False, True, True),
+    "no_recompute": (False, False, False, False),
+    "all": (True, True, True, False),
+}
+
+
+def _set_recompute(policy, on: bool) -> None:
+    base = policy.base_model
+    if on:
+        base.gradient_checkpointing_enable()
+    else:
+        base.gradient_checkpointing_disable()
+
+
+def measure_levers(device, preset: str = "openvla-7b-oft", configs=tuple(LEVER_CONFIGS), repeats: int = 3,
+                   episodes: int = 16, num_workers: int = 16, max_steps: int = 40, micro_batch: int = 16,
+                   env_kwargs: dict | None = None, ceiling: bool = True, progress=None, *, objective,
+                   advantages) -> dict:
+    """Whole RL iterations (rollout -> GRPO advantages -> one PPO update epoch) of the random full-size policy with
+    LoRA r=32 on all linear layers on the LIBERO stand-in env, with each lever of issue 13 on its own and all together
+    (LEVER_CONFIGS), `repeats` iterations each. What the trainer runs: collect_episodes inside
+    `Engine.rollout_weights`, the recipe's `advantages(episodes, dist) -> (Samples, metrics)` and `Learner.update` with
+    the recipe's `objective` (both passed in, see the module docstring); the policy, its engine and both env pools
+    (images prepared in the trainer / in the workers) are built once. Env steps per second of each iteration, its split, the ratio to the baseline, to the
+    FLOP bound, and to a model-only ceiling of the same run (plain transformers: the OFT-length prefill and LoRA
+    update, 1 / (1/rollout + 1/update) per env step). `progress(out)` is called after each configuration (the
+    caller writes what is measured so far: a run cut short by a time limit keeps it)."""
+    device = torch.device(device)
+    unknown = sorted(set(configs) - set(LEVER_CONFIGS))
+    if unknown:
+        raise ValueError(f"unknown lever configurations {unknown}; expected some of {list(LEVER_CONFIGS)}")
+    out: dict = {"preset": preset, "episodes": episodes, "num_workers": num_workers, "max_steps": max_steps,
+                 "micro_batch": micro_batch, "repeats": repeats, "configs": {}}
+    if ceiling:
+        out["ceiling"] = measure_oft_ceiling(device, preset, micro_batch)
+    engine = _lora_engine(preset, "all-linear")
+    policy, dist = engine.policy, engine.dist
+    learner = Learner(engine, epochs=1, mini_batches=1, micro_batch_size=micro_batch, seed=0)
+    loss_fn = functools.partial(objective, policy, engine.model)
+    env = {"max_steps": max_steps, **(env_kwargs or {})}
+    text_tokens: list[int] = []
+
+    def flop_bounds() -> None:
+        text = int(np.median(text_tokens)) if text_tokens else 32
+        out["text_tokens"] = text
+        out["flop_bound_env_steps_per_s"] = {"recompute": flop_bound_env_steps_per_s(policy, text, True),
+                                             "no_recompute": flop_bound_env_steps_per_s(policy, text, False)}
+    with EnvPool("libero_standin", num_workers, env, start_timeout_s=600) as plain_pool, \
+         EnvPool("libero_standin", num_workers, env, observation_transform=policy.worker_transform(),
+                 start_timeout_s=600) as prepared_pool:
+
+        def iteration(index: int, levers: tuple[bool, bool, bool, bool]) -> dict:
+            pipeline, in_workers, merge, recompute = levers
+            _set_recompute(policy, recompute)
+            groups = [((index + g) % 10, (7 * index + g) % 50) for g in range(max(episodes // 8, 1))]
+            items = build_work_items(groups, samples_per_group=min(episodes, 8))
+            _sync()
+            start = time.perf_counter()
+            policy.eval()
+            engine.merge_lora = merge  # what rollout.merge_lora sets (explicitly on or off here)
+            with engine.rollout_weights():
+                episodes_, stats = collect_episodes(
+                    policy, prepared_pool if in_workers else plain_pool, items, temperature=1.0, run_seed=1,
+                    episode_offset=index * 1000, model=engine.model, pipeline=pipeline)
+            rollout_seconds = time.perf_counter() - start
+            samples, _ = advantages(episodes_, dist)
+            policy.train()
+            learner.update(samples, loss_fn, index)
+            _sync()
+            seconds = time.perf_counter() - start
+            text_tokens.extend(int(e.inputs[0].text_mask.sum()) for e in episodes_ if e.inputs)
+            return {"seconds": seconds, "rollout_seconds": rollout_seconds, "update_seconds": seconds - rollout_seconds,
+                    "policy_seconds": stats.policy_seconds, "prepare_seconds": stats.prepare_seconds,
+                    "env_wait_seconds": stats.env_seconds, "policy_calls": stats.policy_calls,
+                    "env_steps": stats.env_steps, "samples": len(samples),
+                    "env_steps_per_s": stats.env_steps / seconds,
+                    "env_errors": sum(e.env_error is not None for e in episodes_)}
+
+        iteration(0, LEVER_CONFIGS["all"])  # warm-up: allocator, kernels, both pools' first (numba-like) steps
+        iteration(1, LEVER_CONFIGS["baseline"])
+        index = 2
+        for name in configs:
+            _reset_peak()
+            runs = []
+            try:  # one failing configuration (out of memory, say) must not lose the others
+                for _ in range(repeats):
+                    runs.append(iteration(index, LEVER_CONFIGS[name]))
+                    index += 1
+            except Exception:  # noqa: BLE001
+                import traceback
+
+                out.setdefault("errors", {})[name] = traceback.format_exc()
+                print(out["errors"][name], flush=True)
+                index += repeats
+                if not runs:
+                    continue
+            out["configs"][name] = {"levers": dict(zip(("pipeline", "workers_preprocess", "merge_lora", "recompute"),
+                                                       LEVER_CONFIGS[name])),
+                                    "iterations": runs, "peak_gb": _peak_gb(),
+                                    **{key: spread([r[key] for r in runs]) for key in
+                                       ("env_steps_per_s", "seconds", "rollout_seconds", "update_seconds",
+                                        "policy_seconds", "prepare_seconds", "env_wait_seconds")}}
+            flop_bounds()
+            print(f"levers {name}: {out['configs'][name]['env_steps_per_s']['median']:.1f} env steps/s "
+                  f"({[round(r['env_steps_per_s'], 1) for r in runs]})", flush=True)
+            if progress is not None:
+                progress(out)
+    flop_bounds()
+    return out  # the model is freed with this frame (main collects)
+
+
+def measure_oft_ceiling(device, preset: str = "openvla-7b-oft", batch: int = 16) -> dict:
+    """Plain transformers at OpenVLA-OFT's sequence length: the prefill (one chunk per sample), and the LoRA r=32
+    forward + backward + AdamW step with and without recompute (adapters in bf16 under autocast, as the policy)."""
+    device = torch.device(device)
+    vocab = preset_config(preset).base_vocab_size
+    lm = plain_llama(preset.replace("-oft", ""), device)
+    ids = torch.randint(0, vocab, (batch, SEQ_OFT), device=device)
+    with torch.no_grad():
+        prefill = timed(lambda: lm(input_ids=ids, use_cache=False, logits_to_keep=56))
+    out = {"batch": batch, "prefill_chunks_per_s": batch / prefill}
+    lm.train()
+    lm.enable_input_require_grads()
+    peft_lm = get_peft_model(lm, LoraConfig(r=32, lora_alpha=16, target_modules="all-linear"))
+    optimizer = torch.optim.AdamW([p for p in peft_lm.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = peft_lm(input_ids=ids, use_cache=False, logits_to_keep=57).logits
+        torch.log_softmax(logits[:, :-1, -256:].float(), -1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with disable_input_dtype_casting(peft_lm, active=True):
+        for recompute in (True, False):
+            if hasattr(peft_lm, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+                enable, disable = peft_lm.activation_checkpointing_enable, peft_lm.activation_checkpointing_disable
+                kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+            else:
+                enable, disable = peft_lm.gradient_checkpointing_enable, peft_lm.gradient_checkpointing_disable
+                kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+            if recompute:
+                enable(**kwargs)
+            else:
+                disable()
+            _reset_peak()
+            seconds = timed(step)
+            out["lora_train_recompute" if recompute else "lora_train_no_recompute"] = {
+                "samples_per_s": batch / seconds, "peak_gb": _peak_gb()}
+    return out
+
+
+def measure_decode(device, batches=(16, 64), preset: str = "openvla-7b", repeats: int = 3, iters: int = 2,
+                   ceiling: bool = True, progress=None) -> dict:
+    """Standard OpenVLA's `act` with LoRA r=32 on all linear layers (as a training rollout acts), decoding with
+    transformers' dynamic cache, the static cache, and CUDA graphs (CUDA only), unmerged and merged; against the
+    plain-transformers decode ceiling of the same run (prefill + 6 cached greedy steps, LM only, and with the towers)
+    and the FLOP bound; `repeats` timings of `iters` calls each. Also how far the paths agree on the same noise
+    (tokens and log-probs of graphs vs eager static vs dynamic). `progress(out)` is called after each batch size."""
+    device = torch.device(device)
+    out: dict = {"preset": preset, "repeats": repeats, "iters": iters, "ceiling": {}, "variants": {}, "agreement": {}}
+    if ceiling:
+        lm = plain_llama(preset, device)
+        towers = _towers(preset, device)
+        for batch in batches:
+            ids = torch.randint(0, lm.config.vocab_size - 64, (batch, SEQ_OPENVLA - 7), device=device)
+            plain_decode7(lm, ids)
+            lm_seconds = [timed(functools.partial(plain_decode7, lm, ids), warmup=0, iters=iters) for _ in range(repeats)]
+            vision = _time_towers(towers, batch, device, iters)
+            out["ceiling"][batch] = {"decode7_actions_per_s": spread([batch / t for t in lm_seconds]),
+                                     "decode7_plus_vision_actions_per_s": spread(
+                                         [batch / (t + vision) for t in lm_seconds])}
+        lm = towers = None  # freed before the policy is built
+        gc.collect()
+        _reset_peak()
+    policy = _lora_policy(preset, Dist.create())
+    with torch.no_grad():  # adapters that change the outputs (lora_B starts at zero)
+        generator = torch.Generator().manual_seed(0)
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+    policy.eval()
+    modes = ["dynamic", "static"] + (["graphs"] if device.type == "cuda" else [])
+    for batch in batches:
+        inputs = policy.prepare(_observations(batch))
+        noise = policy.sampling_noise(batch, torch.Generator().manual_seed(batch))
+        out.setdefault("text_tokens", int(inputs.text_mask.sum(1).max()))
+        out.setdefault("flop_bound_actions_per_s", flop_bound_actions_per_s(policy, out["text_tokens"]))
+        for weights in ("lora", "lora merged"):
+            results = {}
+            with policy.merged_adapters() if weights == "lora merged" else nullcontext():
+                for mode in modes:
+                    try:  # one failing path (a capture that does not work here, say) must not lose the others
+                        decoder = None if mode == "dynamic" else policy.static_decoder(batch, graphs=mode == "graphs")
+                        _reset_peak()
+                        results[mode] = policy.act(inputs, noise=noise, decoder=decoder)  # warm-up (and capture)
+                        act = functools.partial(policy.act, inputs, noise=noise, decoder=decoder)
+                        seconds = [timed(act, warmup=0, iters=iters) for _ in range(repeats)]
+                    except Exception:  # noqa: BLE001
+                        import traceback
+
+                        out.setdefault("errors", {})[f"{weights}/{mode}_b{batch}"] = traceback.format_exc()
+                        print(out["errors"][f"{weights}/{mode}_b{batch}"], flush=True)
+                        continue
+                    out["variants"].setdefault(f"{weights}/{mode}", {})[batch] = {
+                        "actions_per_s": spread([batch / t for t in seconds]), "peak_gb": _peak_gb(),
+                        "fallbacks": 0 if decoder is None else decoder.fallbacks,
+                        "capture_error": None if decoder is None else decoder.capture_error}
+            reference = results.get("static")
+            for mode in results if reference is not None else ():
+                if mode != "static":
+                    out["agreement"][f"{weights}/{mode}_vs_static_b{batch}"] = {
+                        "token_agreement": float((results[mode].token_ids == reference.token_ids).float().mean()),
+                        "max_abs_log_prob_difference": float((results[mode].log_probs - reference.log_probs).abs().max())}
+        if progress is not None:
+            progress(out)
+    return out
+
+
+def _towers(preset_name: str, device):
+    config = preset_config(preset_name)
+    return [timm.create_model(m, pretrained=False, num_classes=0, **{"img_size": config.image_size, **kw})
+            .to(device, torch.bfloat16).eval()
+            for m, kw in zip(config.timm_model_ids, config.trainer.timm_model_kwargs)]
+
+
+@torch.no_grad()
+def _time_towers(towers, batch: int, device, iters: int) -> float:
+    size = towers[0].patch_embed.img_size[0]
+    images = torch.randn(batch, 3, size, size, device=device, dtype=torch.bfloat16)
+    return timed(lambda: [t.forward_features(images) for t in towers], warmup=1, iters=iters)
+
+
+def speed_ratios(report: dict) -> dict:
+    """The levers' and the decode's figures as ratios: to the baseline / plain path, to the ceiling of the same run,
+    and to the FLOP bound (median of the repeats; the ranges are in the raw report)."""
+    out: dict = {}
+    levers = report.get("levers")
+    if levers and levers.get("configs"):
+        configs = levers["configs"]
+        baseline = configs.get("baseline", {}).get("env_steps_per_s", {}).get("median")
+        ceiling = levers.get("ceiling")
+        for name, result in configs.items():
+            rate = result["env_steps_per_s"]["median"]
+            recompute = result["levers"]["recompute"]
+            row = {"env_steps_per_s": rate,
+                   "vs_flop_bound": rate / levers["flop_bound_env_steps_per_s"]["recompute" if recompute else
+                                                                               "no_recompute"]}
+            if baseline:
+                row["vs_baseline"] = rate / baseline
+            if ceiling:
+                update = ceiling["lora_train_recompute" if recompute else "lora_train_no_recompute"]["samples_per_s"]
+                model_only = 1 / (1 / (8 * ceiling["prefill_chunks_per_s"]) + 1 / (8 * update))
+                row["vs_model_only_ceiling"] = rate / model_only
+            out[f"e2e_{name}"] = row
+    decode = report.get("decode")
+    if decode and decode.get("variants"):
+        for variant, rows in decode["variants"].items():
+            for batch, result in rows.items():
+                rate = result["actions_per_s"]["median"]
+                row = {"actions_per_s": rate, "vs_flop_bound": rate / decode["flop_bound_actions_per_s"]}
+                plain = decode["variants"].get(variant.split("/")[0] + "/dynamic", {}).get(batch)
+                if plain:
+                    row["vs_dynamic_cache"] = rate / plain["actions_per_s"]["median"]
+                ceiling = decode.get("ceiling", {}).get(batch)
+                if ceiling:
+                    row["vs_lm_decode_ceiling"] = rate / ceiling["decode7_actions_per_s"]["median"]
+                    row["vs_lm_decode_plus_vision"] = rate / ceiling["decode7_plus_vision_actions_per_s"]["median"]
+                out[f"decode_{variant}_b{batch}"] = row
+    return out
+
+
 # --- report ----------------------------------------------------------------------------------------------------------
 
 
@@ -447,6 +788,46 @@ def markdown(report: dict) -> str:
         lines += [f"| kernels: {kind} | {sec:.3f} | {sec / profiled['wall_seconds']:.2f} |"
                   for kind, sec in profiled["kernel_seconds_by_kind"].items()]
         lines.append("")
+    levers = report.get("levers")
+    if levers and levers.get("configs"):
+        lines += [(f"end to end ({levers['preset']}, LIBERO stand-in, {levers['episodes']} episodes of <= "
+                   f"{levers['max_steps']} steps on {levers['num_workers']} workers, micro-batch "
+                   f"{levers['micro_batch']}; median [min, max] of {levers['repeats']} iterations)"), "",
+                  ("| levers | env steps/s | s/iteration | rollout s | update s | policy s | prepare s | env wait s | "
+                   "peak GB |"), "|---|---|---|---|---|---|---|---|---|"]
+        for name, v in levers["configs"].items():
+            rate = v["env_steps_per_s"]
+            lines.append(f"| {name} | {rate['median']:.1f} [{rate['min']:.1f}, {rate['max']:.1f}] | "
+                         + " | ".join(f"{v[k]['median']:.2f}" for k in ("seconds", "rollout_seconds", "update_seconds",
+                                                                         "policy_seconds", "prepare_seconds",
+                                                                         "env_wait_seconds"))
+                         + f" | {v['peak_gb']:.1f} |")
+        bound = levers["flop_bound_env_steps_per_s"]
+        lines += ["", (f"FLOP bound: {bound['recompute']:.0f} env steps/s with recompute, "
+                       f"{bound['no_recompute']:.0f} without"), ""]
+    decode = report.get("decode")
+    if decode and decode.get("variants"):
+        lines += [(f"decode ({decode['preset']}, LoRA r=32 all-linear; median [min, max] of {decode['repeats']} "
+                   f"repeats; FLOP bound {decode['flop_bound_actions_per_s']:.0f} actions/s)"), "",
+                  "| act | batch | actions/s | peak GB |", "|---|---|---|---|"]
+        for batch, v in decode.get("ceiling", {}).items():
+            rate = v["decode7_actions_per_s"]
+            lines.append(f"| plain transformers decode ceiling (LM only) | {batch} | {rate['median']:.1f} "
+                         f"[{rate['min']:.1f}, {rate['max']:.1f}] | |")
+        for variant, rows in decode["variants"].items():
+            for batch, v in rows.items():
+                rate = v["actions_per_s"]
+                lines.append(f"| {variant} | {batch} | {rate['median']:.1f} [{rate['min']:.1f}, {rate['max']:.1f}] | "
+                             f"{v['peak_gb']:.1f} |")
+        for name, v in decode.get("agreement", {}).items():
+            lines.append(f"| agreement {name} | | tokens {v['token_agreement']:.4f}, max abs log-prob difference "
+                         f"{v['max_abs_log_prob_difference']:.2e} | |")
+        lines.append("")
+    if report.get("speed_ratios"):
+        lines += ["| speed ratio | values |", "|---|---|"]
+        for key, values in report["speed_ratios"].items():
+            lines.append(f"| {key} | " + ", ".join(f"{name} {value:.2f}" for name, value in values.items()) + " |")
+        lines.append("")
     if report.get("ratios"):
         lines += ["| ratio to ceiling | value |", "|---|---|"]
         for key, values in report["ratios"].items():
@@ -455,8 +836,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args, objective) -> int:
-    """`python -m trainer bench`; `objective`: the recipe's, with its options bound (see the module docstring)."""
+def main(args, objective, advantages=None) -> int:
+    """`python -m trainer bench`; `objective` and `advantages` (the levers part): the recipe's, with their options
+    bound (see the module docstring)."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     report: dict = {}
     path = Path(args.out)
@@ -498,9 +880,30 @@ def main(args, objective) -> int:
                     report.setdefault("update", []).append(result)
                 gc.collect()
                 _reset_peak()
+    oft_preset = f"{args.preset}-oft".replace("-oft-oft", "-oft")
+
+    def write(part: str):
+        def save(result: dict) -> None:  # what is measured so far, in case the run is cut short
+            report[part] = result
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=1, default=str))
+        return save
+
+    if "levers" in parts:
+        standin = {k: v for k, v in (("step_seconds", args.standin_step_seconds),
+                                     ("render_seconds", args.standin_render_seconds)) if v is not None}
+        report["levers"] = measure_levers(device, preset=oft_preset, configs=tuple(args.levers), repeats=args.repeats,
+                                          episodes=args.e2e_episodes, num_workers=args.e2e_workers,
+                                          max_steps=args.e2e_max_steps, micro_batch=args.update_batch,
+                                          env_kwargs=standin, progress=write("levers"), objective=objective,
+                                          advantages=advantages)
+    if "decode" in parts:
+        report["decode"] = measure_decode(device, batches=tuple(args.batches), preset=args.preset.replace("-oft", ""),
+                                          repeats=args.repeats, progress=write("decode"))
     if ("update" in parts or "phases" in parts) and not result:
         return 0  # not rank 0: rank 0 writes the report
     report["ratios"] = ratios(report)
+    report["speed_ratios"] = speed_ratios(report)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1, default=str))
     print(markdown(report))

@@ -25,6 +25,7 @@ from trainer.envs.pool import EnvPool
 from trainer.envs.render import choose_render_env, detect_gpu_count
 from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
 from trainer.models.lora import QUANT_MODES, LoraSettings, apply_lora, check_quantization, int8_optimizer, quantize_int8
+from trainer.models.memory import choose_gradient_checkpointing, free_device_bytes, update_memory
 
 # --- config sections -------------------------------------------------------------------------------------------------
 
@@ -61,8 +62,10 @@ class ModelConfig:
     directories with the action_head / proprio_projector files load as OFT by themselves); None: from the files."""
     dtype: Dtype = Dtype.AUTO
     """Weights' dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward instead of keeping them (less memory, about a third more compute)."""
+    gradient_checkpointing: bool | str = "auto"
+    """Recompute activations in the backward instead of keeping them (less memory, about a third more compute):
+    true, false, or "auto" (recompute only when the update without it does not fit the free GPU memory, the smallest
+    over ranks; trainer/models/memory.py estimates it; no recompute on CPU runs)."""
     use_l1_head_for_eval: bool | None = None
     """OFT greedy evaluation: true = the L1 regression head, false = the action tokens, null = as the checkpoint says
     (the L1 head of a released OFT checkpoint, as the official LIBERO evaluation; the tokens of a policy trained here).
@@ -79,6 +82,8 @@ class ModelConfig:
         if self.use_l1_head_for_eval and not (self.source.endswith("oft") or self.family == Family.OFT):
             found.append("use_l1_head_for_eval needs an OpenVLA-OFT model (model.source *-oft or model.family: oft)")
         check(found, self.num_images is None or self.num_images >= 1, "num_images", self.num_images, ">= 1 or null")
+        check(found, self.gradient_checkpointing in (True, False, "auto"), "gradient_checkpointing",
+              self.gradient_checkpointing, "true, false or auto")
         return found
 
 
@@ -118,6 +123,9 @@ class EnvConfig:
     """Force "egl" or "osmesa" (default: EGL on GPU hosts, OSMesa on CPU hosts)."""
     unnorm_key: str | None = None
     """norm_stats key for un-normalising actions (default: the suite name, then <suite>_no_noops)."""
+    preprocess_in_workers: bool = True
+    """Run the policy's image pipeline (resize, crop, normalise) in the env worker processes, in parallel, so that the
+    trainer process only stacks tensors (subprocess env pools only; the same inputs as in the trainer)."""
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -156,15 +164,16 @@ def compute_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
 
 
 def build_policy(model: ModelConfig, lora: LoraSettings, quant: QuantConfig, env: EnvConfig, dist: Dist, *,
-                 value_head: bool, seed: int) -> VLAPolicy:
-    """Model (tiny preset or local checkpoint) -> optional int8 base -> LoRA -> policy with optional value head."""
+                 value_head: bool, seed: int, micro_batch_size: int = 64) -> VLAPolicy:
+    """Model (tiny preset or local checkpoint) -> optional int8 base -> LoRA -> policy with optional value head.
+    `micro_batch_size`: the update's, for model.gradient_checkpointing "auto"."""
     check_quantization(quant.mode, dist.backend)
     vla, tokenizer = load_model_and_tokenizer(model.source, seed=seed, dtype=compute_dtype(model, dist.device),
                                               family=model.family, device=dist.device, num_images=model.num_images,
                                               stop_token=model.oft_stop_token)
     if quant.mode == QuantMode.INT8:
         quantize_int8(vla, dist.device)
-    if model.gradient_checkpointing:
+    if recomputes_activations(model.gradient_checkpointing, vla, lora, dist, micro_batch_size):
         vla.gradient_checkpointing_enable()
     if lora.enabled:
         vla = apply_lora(vla, lora)
@@ -172,6 +181,18 @@ def build_policy(model: ModelConfig, lora: LoraSettings, quant: QuantConfig, env
     if policy.value_head is not None:
         policy.value_head.to(torch.float32)
     return policy.to(dist.device)
+
+
+def recomputes_activations(setting: bool | str, vla, lora: LoraSettings, dist: Dist, micro_batch_size: int) -> bool:
+    """model.gradient_checkpointing, with "auto" decided from the free GPU memory (the smallest over ranks, so that
+    every rank decides the same) and the update's estimated memory (trainer/models/memory.py)."""
+    if setting != "auto":
+        return bool(setting)
+    free = free_device_bytes(dist.device)
+    free = None if free is None else int(-dist.max(-float(free)))
+    memory = update_memory(vla, micro_batch_size, lora_rank=lora.rank,
+                           lora_on_towers=lora.enabled and lora.target_modules != "llm-linear")
+    return choose_gradient_checkpointing(setting, free, memory)
 
 
 def build_optimizer(optim: OptimConfig, policy: VLAPolicy, iterations: int, optimizer_8bit: bool = False):
@@ -201,9 +222,11 @@ def build_optimizer(optim: OptimConfig, policy: VLAPolicy, iterations: int, opti
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
 
 
-def make_env_pool(env: EnvConfig, dist: Dist, num_workers: int | None = None):
-    """This rank's env workers: subprocesses (crash-isolated) for LIBERO, in-process envs for the toy task."""
+def make_env_pool(env: EnvConfig, dist: Dist, num_workers: int | None = None, policy: VLAPolicy | None = None):
+    """This rank's env workers: subprocesses (crash-isolated) for LIBERO, in-process envs for the toy task. With
+    `policy` and env.preprocess_in_workers, the subprocess workers run its image pipeline."""
     num_workers = num_workers or env.num_workers
+    transform = policy.worker_transform() if policy is not None and env.preprocess_in_workers else None
     env_kwargs = {} if env.max_steps is None else {"max_steps": env.max_steps}
     if env.suite == Suite.TOY:
         return InlinePool(str(env.suite), num_workers, env_kwargs)
@@ -211,7 +234,8 @@ def make_env_pool(env: EnvConfig, dist: Dist, num_workers: int | None = None):
     if env.suite in LIBERO_SUITES:
         render_env = choose_render_env(os.environ, detect_gpu_count(), env.render_backend, dist.local_rank)
     return EnvPool(str(env.suite), num_workers, env_kwargs, env_vars=render_env,
-                   step_timeout_s=env.step_timeout_s, reset_timeout_s=env.step_timeout_s)
+                   step_timeout_s=env.step_timeout_s, reset_timeout_s=env.step_timeout_s,
+                   observation_transform=transform)
 
 
 def init_states_per_task(env: EnvConfig, pool) -> list[int]:
@@ -226,4 +250,4 @@ def init_states_per_task(env: EnvConfig, pool) -> list[int]:
 
 __all__ = ["Dtype", "EnvConfig", "Family", "ModelConfig", "QuantConfig", "QuantMode", "RenderBackend", "Suite",
            "build_optimizer", "build_policy", "compute_dtype", "env_settings", "init_states_per_task",
-           "make_env_pool", "seed_everything"]
+           "make_env_pool", "recomputes_activations", "seed_everything"]

@@ -172,8 +172,16 @@ def benchmark_objective():
     return functools.partial(train.objective, train.AlgoConfig(), temperature=1.0, bc_phase=False)
 
 
+def benchmark_advantages():
+    """The recipe's GRPO advantages with the default options, but every group kept (no dynamic sampling: a benchmark's
+    update should see all its samples). Called as advantages(episodes, dist) -> (Samples, metrics)."""
+    algo = train.AlgoConfig()
+    algo.grpo.dynamic_sampling = False
+    return functools.partial(train.episode_advantages, algo, bc_phase=False)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    return bench.main(args, objective=benchmark_objective())
+    return bench.main(args, objective=benchmark_objective(), advantages=benchmark_advantages())
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -241,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_cmd = sub.add_parser("bench", help="GPU throughput/memory of the full-size model vs a ceiling (random weights)")
     bench_cmd.add_argument("--parts", default="ceiling,rollout,update",
-                           help="comma list of ceiling, rollout, update, lora_ceiling, phases (one GPU)")
+                           help="comma list of ceiling, rollout, update, lora_ceiling, phases (one GPU), levers (issue "
+                                "13's speed levers end to end), decode (OpenVLA decoding: dynamic / static / CUDA "
+                                "graphs)")
     bench_cmd.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64])
     bench_cmd.add_argument("--update-batch", type=int, default=16, help="samples per GPU per update step")
     bench_cmd.add_argument("--steps", type=int, default=3)
@@ -251,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--lora-targets", nargs="*", default=["all-linear"], choices=["all-linear", "llm-linear"],
                            help="LoRA targets for the update / phases parts (each one measured)")
     bench_cmd.add_argument("--trace-dir", help="phases part: also write a chrome trace of the profiled step here")
+    bench_cmd.add_argument("--repeats", type=int, default=3, help="levers / decode parts: repeats, reported as a range")
+    bench_cmd.add_argument("--levers", nargs="*", default=["baseline", "pipeline", "workers_preprocess", "merge_lora",
+                                                           "no_recompute", "all"],
+                           help="levers part: which configurations (trainer.bench.LEVER_CONFIGS)")
+    bench_cmd.add_argument("--e2e-episodes", type=int, default=16, help="levers part: episodes per iteration")
+    bench_cmd.add_argument("--e2e-workers", type=int, default=16, help="levers part: env workers")
+    bench_cmd.add_argument("--e2e-max-steps", type=int, default=40, help="levers part: env steps per episode at most")
+    bench_cmd.add_argument("--standin-step-seconds", type=float,
+                           help="levers part: the stand-in's physics cost per action")
+    bench_cmd.add_argument("--standin-render-seconds", type=float,
+                           help="levers part: the stand-in's cost per observation")
     bench_cmd.add_argument("--out", default="bench/report.json", help="JSON report (merged with an existing one)")
     bench_cmd.set_defaults(func=cmd_bench, takes_rest=False)
 

@@ -35,6 +35,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from trainer.config import Choice, check
 from trainer.dist import Dist
+from trainer.models.memory import free_device_bytes, merge_fits
 
 
 class Scheduler(Choice):
@@ -77,13 +78,21 @@ class OptimConfig:
         return found
 
 
-def merges_lora_for_rollout(merge_lora: bool, backend: str) -> bool:
-    """Whether rollouts and evaluations act with LoRA merged into the base weights (rollout.merge_lora).
+MERGING_BACKENDS = ("single", "ddp")  # where every rank holds its parameters whole
+
+
+def merges_lora_for_rollout(merge_lora: bool | str, backend: str, policy=None, free_bytes: int | None = None) -> bool:
+    """Whether rollouts and evaluations act with LoRA merged into the base weights (rollout.merge_lora; "auto": when
+    the policy's copy of the adapted weights fits `free_bytes`, the GPU memory free now, see trainer/models/memory.py).
 
     Only where every rank holds its parameters whole: one process or DDP. FSDP flattens and shards them, and
     DeepSpeed's engine owns them (ZeRO-3 partitions them; ZeRO-2 is left out as well, untried), so merging in place
     there would write into shards, not weights."""
-    return merge_lora and backend in ("single", "ddp")
+    if backend not in MERGING_BACKENDS or not merge_lora:
+        return False
+    if merge_lora == "auto":
+        return policy is not None and merge_fits(free_bytes, policy.merge_copy_bytes())
+    return True
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,7 @@ class Engine:
     """What every backend provides; see the module docstring. Built by `setup_engine`."""
 
     def __init__(self, dist: Dist, policy: torch.nn.Module, model, optimizer, optim: OptimConfig,
-                 param_group_names: list[list[str]], merge_lora: bool = False):
+                 param_group_names: list[list[str]], merge_lora: bool | str = False):
         self.dist = dist
         self.policy = policy
         self.model = model
@@ -106,7 +115,8 @@ class Engine:
         # Names of the optimizer's parameters, per param group, in build_optimizer's order: optimizer state is saved
         # keyed by these names, which do not depend on world size or backend.
         self.param_group_names = param_group_names
-        self.merges_lora = merge_lora
+        # rollout.merge_lora where this backend can merge (True or "auto", decided at each rollout), else False
+        self.merge_lora = merge_lora if dist.backend in MERGING_BACKENDS else False
 
     @property
     def parameter_names(self) -> list[str]:
@@ -150,11 +160,13 @@ class Engine:
     def rollout_weights(self):
         """Context for a rollout or evaluation phase: full weights on every rank, in the fastest form for acting.
 
-        Single / DDP: the LoRA adapters merged into the base for its duration when rollout.merge_lora (restored bit
-        for bit on exit, see VLAPolicy.merged_adapters). Sharded backends gather the weights once on entry, so
+        Single / DDP: the LoRA adapters merged into the base for its duration when rollout.merge_lora (true, or "auto"
+        and the copy fits the free GPU memory now; restored bit for bit on exit, see VLAPolicy.merged_adapters). Sharded backends gather the weights once on entry, so
         forwards inside make no collective calls and ranks may make different numbers of them; every rank must
         enter together (the gather is a collective)."""
-        return self.policy.merged_adapters() if self.merges_lora else contextlib.nullcontext()
+        merge = merges_lora_for_rollout(self.merge_lora, self.dist.backend, self.policy,
+                                        free_device_bytes(self.dist.device))
+        return self.policy.merged_adapters() if merge else contextlib.nullcontext()
 
     # --- full state, keyed by parameter name ----------------------------------------------------------------------
 
@@ -305,7 +317,7 @@ ENGINES = {"single": SingleEngine, "ddp": DDPEngine, "fsdp": FSDPEngine, "deepsp
 
 
 def setup_engine(dist: Dist, policy: torch.nn.Module, optimizer, optim: OptimConfig,
-                 merge_lora: bool = False) -> Engine:
+                 merge_lora: bool | str = False) -> Engine:
     """Wrap the policy and its optimizer for the launch's backend and return the backend's engine.
 
     The LR scheduler is deliberately not prepared: accelerate would step it once per process per call, and DeepSpeed
@@ -317,8 +329,7 @@ def setup_engine(dist: Dist, policy: torch.nn.Module, optimizer, optim: OptimCon
     if backend.startswith("deepspeed"):
         _configure_deepspeed(dist.accelerator.state.deepspeed_plugin.deepspeed_config, optim.max_grad_norm)
     model, optimizer = dist.accelerator.prepare(policy, optimizer)
-    return ENGINES[backend](dist, policy, model, optimizer, optim, group_names,
-                            merge_lora=merges_lora_for_rollout(merge_lora, backend))
+    return ENGINES[backend](dist, policy, model, optimizer, optim, group_names, merge_lora=merge_lora)
 
 
 def check_optimizer_names(state: dict, expected: list[str]) -> None:

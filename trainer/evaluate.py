@@ -83,12 +83,13 @@ class EvalReport:
 
 def evaluate(policy, pool, items: list[WorkItem], dist, *, greedy: bool, temperature: float = 1.0, seed: int = 7,
              model=None, use_l1_head: bool | None = None, video_dir: Path | None = None, videos: int = 0,
-             stop=None) -> EvalReport:
+             stop=None, pipeline: bool = False, decode: str = "dynamic") -> EvalReport:
     """Run this rank's share of `items`; the report holds the global (all-rank) counts.
 
     The official protocol: every episode in the official scene of its initial state; greedy actions decoded as the
     official code decodes them. `use_l1_head` (OFT, greedy only): None decodes as the policy says
     (`VLAPolicy.eval_uses_l1_head`: the L1 head of a released OFT checkpoint, the tokens of a policy trained here).
+    `pipeline` and `decode`: collect_episodes' speed options.
     """
     local = shard_work_items(items, dist.rank, dist.world_size)
     first = items.index(local[0]) if local else 0
@@ -100,7 +101,7 @@ def evaluate(policy, pool, items: list[WorkItem], dist, *, greedy: bool, tempera
         policy, pool, local, greedy_probability=1.0 if greedy else 0.0, temperature=temperature, run_seed=seed,
         rank=dist.rank, episode_offset=first, model=model, keep_trajectories=False, record_video_items=record,
         use_l1_head=l1_head, generator=torch.Generator().manual_seed(seed + 104729 * dist.rank),
-        should_stop=stop, official_scenes=True, official_greedy=greedy)
+        should_stop=stop, official_scenes=True, official_greedy=greedy, pipeline=pipeline, decode=decode)
     policy.train(was_training)
     counts = count_episodes(episodes)
     keys = sorted({f"{item.task_id}/{kind}" for item in items for kind in ("success", "trials", "errors")}

@@ -2,7 +2,9 @@
 
 Each policy step makes ONE batched policy call for every live env of the rank; OFT chunks (8 actions) are executed
 open-loop by the env worker in one message. When an episode ends, its worker takes the next work item at once, so
-workers stay busy while long episodes finish.
+workers stay busy while long episodes finish. With `pipeline`, the workers are split into two halves and the policy
+acts for one half while the other half's envs step (RLinf-style); every episode samples from its own random stream,
+so the pipelined loop collects the same episodes as the plain one.
 
 The same function serves training rollouts (sampled, or epsilon-greedy during the hand-over), evaluation (greedy or
 sampled, no trajectories kept) and the benchmark.
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from trainer.envs.pool import EnvPool, ResetRequest
-from trainer.envs.seeding import OFFICIAL_SCENE, derive_seed, sampling_seed
+from trainer.envs.seeding import OFFICIAL_SCENE, derive_seed, episode_sampling_seed, sampling_seed
 from trainer.envs.sharding import WorkItem
 from trainer.models.policy import PolicyInputs, VLAPolicy
 
@@ -58,7 +60,7 @@ class Episode:
 class RolloutStats:
     policy_seconds: float = 0.0
     prepare_seconds: float = 0.0
-    env_seconds: float = 0.0  # wall time of batched env calls, as the parent sees them
+    env_seconds: float = 0.0  # wall time the parent waits in batched env calls (pipelined: in step_end and resets)
     policy_calls: int = 0
     env_steps: int = 0  # actions executed
     wall_seconds: float = 0.0
@@ -72,6 +74,9 @@ class RolloutStats:
             f"{prefix}/env_steps_per_second": self.env_steps / max(self.wall_seconds, 1e-9),
             f"{prefix}/seconds": self.wall_seconds,
         }
+
+
+DECODE_MODES = ("dynamic", "static", "graphs")
 
 
 def collect_episodes(
@@ -93,11 +98,16 @@ def collect_episodes(
     should_stop=None,
     official_scenes: bool = False,
     official_greedy: bool = False,
+    pipeline: bool = False,
+    decode: str = "dynamic",
 ) -> tuple[list[Episode], RolloutStats]:
     """Run every item as one episode on `pool`; return the episodes in `items` order and timing stats.
 
     greedy_probability: chance that a policy step takes the greedy action (1.0: fully greedy, 0.0: sampled;
-        between: the epsilon-greedy hand-over). Chosen per env and step from `generator`.
+        between: the epsilon-greedy hand-over). Chosen per env and step from the episode's sampling stream.
+    generator: where the episodes' sampling streams come from (one seed is drawn from it); default: a seed derived
+        from (run_seed, rank, episode_offset). Each episode draws its greedy choices and sampling noise from its own
+        stream, so its actions do not depend on which other envs shared its policy calls.
     episode_offset: added to the item index to derive each episode's env seed (keeps seeds unique across iterations).
     record_video_items: indices into `items` whose primary camera frames are kept for a video.
     progress: an object with update(n) (e.g. tqdm), advanced once per finished episode.
@@ -106,108 +116,222 @@ def collect_episodes(
         instead of a derived seed. For evaluation.
     official_greedy: greedy steps decode as the official code does (VLAPolicy.act). For evaluation: the tokens may lie
         outside the action ids, so no trajectories are kept.
+    pipeline: split the workers into two halves and run the policy on one half while the other half's envs step
+        (the pool's step_begin / step_end). The same episodes, seeds and actions as without (the sampling streams
+        are per episode); only the batching of the policy calls differs.
+    decode: standard OpenVLA's decoding steps: "dynamic" (transformers' cache), "static" (a static cache), or
+        "graphs" (the static cache with each step a CUDA graph replay; CUDA only). No effect on OpenVLA-OFT.
     """
     if official_greedy and keep_trajectories:
         raise ValueError("official_greedy decodes over the whole vocabulary (evaluation); its tokens cannot be trained "
                          "on: pass keep_trajectories=False")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
     started = time.perf_counter()
-    stats = RolloutStats()
-    tokens_per_action = policy.config.trainer.action_dim
-    # Each rank draws its own actions (train and evaluation pass their own generator; this is the default).
-    generator = generator or torch.Generator().manual_seed(sampling_seed(run_seed, rank, episode_offset))
-    record_video_items = record_video_items or set()
-    episodes = [Episode(item=item, seed=0) for item in items]
-    pending = deque(range(len(items)))
-    running: dict[int, int] = {}  # worker -> episode index
-    observations: dict[int, object] = {}  # worker -> latest observation
+    if generator is None:
+        base_seed = sampling_seed(run_seed, rank, episode_offset)
+    else:
+        base_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    halves = worker_halves(pool.num_workers) if pipeline else [list(range(pool.num_workers))]
+    decoder = None
+    if decode != "dynamic":
+        decoder = policy.static_decoder(max(len(half) for half in halves), graphs=decode == "graphs")
+    run = _Rollout(policy, pool, items, greedy_probability=greedy_probability, temperature=temperature,
+                   run_seed=run_seed, rank=rank, episode_offset=episode_offset, base_seed=base_seed, model=model,
+                   keep_trajectories=keep_trajectories, record_video_items=record_video_items or set(),
+                   use_l1_head=use_l1_head, decoder=decoder, progress=progress, official_scenes=official_scenes,
+                   official_greedy=official_greedy)
+    run.start_episodes(list(range(pool.num_workers)))
+    if pipeline:
+        run.pipelined(halves, should_stop)
+    else:
+        run.lockstep(should_stop)
+    run.stats.wall_seconds = time.perf_counter() - started
+    return run.episodes, run.stats
 
-    def finish(worker: int, error: str | None = None) -> None:
-        episode = episodes[running.pop(worker)]
-        episode.env_error = episode.env_error or error
-        observations.pop(worker, None)
-        if progress is not None:
-            progress.update(1)
 
-    def start_episodes(workers: list[int]) -> None:
+def worker_halves(num_workers: int) -> list[list[int]]:
+    """Workers [0, n/2) and [n/2, n): the lower half first, so that ended episodes take new items in worker order,
+    as in the lockstep loop."""
+    middle = (num_workers + 1) // 2
+    return [list(range(middle)), list(range(middle, num_workers))]
+
+
+@dataclass
+class _Acted:
+    """One policy call for some workers, with what the recording of their step needs (on the CPU)."""
+
+    workers: list[int]
+    inputs: PolicyInputs
+    env_actions: np.ndarray
+    token_ids: torch.Tensor
+    log_probs: torch.Tensor
+    values: torch.Tensor | None
+    greedy: torch.Tensor
+
+
+class _Rollout:
+    """The state of one collect_episodes call: which worker runs which episode, and the steps that drive them."""
+
+    def __init__(self, policy: VLAPolicy, pool, items: list[WorkItem], *, greedy_probability: float,
+                 temperature: float, run_seed: int, rank: int, episode_offset: int, base_seed: int, model,
+                 keep_trajectories: bool, record_video_items: set[int], use_l1_head: bool, decoder, progress,
+                 official_scenes: bool, official_greedy: bool):
+        self.policy, self.pool, self.items = policy, pool, items
+        self.greedy_probability, self.temperature = greedy_probability, temperature
+        self.run_seed, self.rank, self.episode_offset, self.base_seed = run_seed, rank, episode_offset, base_seed
+        self.model, self.keep_trajectories, self.record_video_items = model, keep_trajectories, record_video_items
+        self.use_l1_head, self.decoder, self.progress = use_l1_head, decoder, progress
+        self.official_scenes, self.official_greedy = official_scenes, official_greedy
+        self.tokens_per_action = policy.config.trainer.action_dim
+        self.stats = RolloutStats()
+        self.episodes = [Episode(item=item, seed=0) for item in items]
+        self.streams: dict[int, torch.Generator] = {}  # episode index -> its sampling stream
+        self.pending = deque(range(len(items)))
+        self.running: dict[int, int] = {}  # worker -> episode index
+        self.observations: dict[int, object] = {}  # worker -> latest observation
+
+    # --- the two loops ------------------------------------------------------------------------------------------
+
+    def lockstep(self, should_stop) -> None:
+        """One policy call for every live env, then one batched step of all of them."""
+        while self.running:
+            if should_stop is not None and should_stop():
+                self.stop()
+                return
+            acted = self.act(sorted(self.running))
+            tick = time.perf_counter()
+            replies = self.pool.step(dict(zip(acted.workers, acted.env_actions)))
+            self.stats.env_seconds += time.perf_counter() - tick
+            self.start_episodes(self.record(acted, replies))
+
+    def pipelined(self, halves: list[list[int]], should_stop) -> None:
+        """Alternate between the halves: collect a half's step, act for it and send its next step, then the other
+        half. Each policy call runs while the other half's workers step."""
+        in_flight: list[tuple[_Acted, object] | None] = [None] * len(halves)
+        while self.running:
+            for turn, half in enumerate(halves):
+                if in_flight[turn] is not None:
+                    acted, pending = in_flight[turn]
+                    in_flight[turn] = None
+                    tick = time.perf_counter()
+                    replies = self.pool.step_end(pending)
+                    self.stats.env_seconds += time.perf_counter() - tick
+                    self.start_episodes(self.record(acted, replies))
+                if should_stop is not None and should_stop():
+                    for other in in_flight:  # let the steps already sent finish and count, as in lockstep
+                        if other is not None:
+                            self.record(other[0], self.pool.step_end(other[1]))
+                    self.stop()
+                    return
+                workers = [w for w in half if w in self.running]
+                if workers:
+                    acted = self.act(workers)
+                    in_flight[turn] = (acted, self.pool.step_begin(dict(zip(acted.workers, acted.env_actions))))
+
+    # --- pieces -------------------------------------------------------------------------------------------------
+
+    def start_episodes(self, workers: list[int]) -> None:
+        """Reset the given workers to the next pending items, in worker order; a failed reset passes its item's
+        turn on (the replacement worker takes the next item)."""
         requests = {}
         for worker in workers:
-            if not pending:
+            if not self.pending:
                 break
-            index = pending.popleft()
-            episode = episodes[index]
-            episode.seed = OFFICIAL_SCENE if official_scenes else derive_seed(run_seed, rank, worker, episode_offset + index)
-            running[worker] = index
+            index = self.pending.popleft()
+            episode = self.episodes[index]
+            episode.seed = (OFFICIAL_SCENE if self.official_scenes
+                            else derive_seed(self.run_seed, self.rank, worker, self.episode_offset + index))
+            self.running[worker] = index
+            self.streams[index] = torch.Generator().manual_seed(episode_sampling_seed(self.base_seed, index))
             requests[worker] = ResetRequest(episode.item.task_id, episode.item.init_state_id, episode.seed)
         if not requests:
             return
         tick = time.perf_counter()
-        replies = pool.reset(requests)
-        stats.env_seconds += time.perf_counter() - tick
+        replies = self.pool.reset(requests)
+        self.stats.env_seconds += time.perf_counter() - tick
         failed = []
         for worker, reply in replies.items():
             if reply.ok:
-                observations[worker] = reply.observation
-                if running[worker] in record_video_items:
-                    episodes[running[worker]].frames.append(reply.observation.primary_image)
+                self.observations[worker] = reply.observation
+                if self.running[worker] in self.record_video_items:
+                    self.episodes[self.running[worker]].frames.append(reply.observation.primary_image)
             else:
-                finish(worker, reply.env_error)
+                self.finish(worker, reply.env_error)
                 failed.append(worker)
         if failed:
-            start_episodes(failed)  # the replacement worker takes the next item
+            self.start_episodes(failed)
 
-    start_episodes(list(range(pool.num_workers)))
-    while running:
-        if should_stop is not None and should_stop():
-            for worker in list(running):
-                finish(worker, "stopped")
-            for index in pending:
-                episodes[index].env_error = "stopped"
-            break
-        workers = sorted(running)
+    def act(self, workers: list[int]) -> _Acted:
+        """One batched policy call for these workers' envs, each sampling from its own episode's stream."""
         tick = time.perf_counter()
-        inputs = policy.prepare([observations[w] for w in workers])
-        stats.prepare_seconds += time.perf_counter() - tick
-        greedy = torch.rand(len(workers), generator=generator) < greedy_probability
+        inputs = self.policy.prepare([self.observations[w] for w in workers])
+        self.stats.prepare_seconds += time.perf_counter() - tick
+        greedy, noise = self.draws(workers)
         tick = time.perf_counter()
-        result = policy.act(inputs, greedy=greedy, temperature=temperature, model=model, use_l1_head=use_l1_head,
-                            generator=generator, official_greedy=official_greedy)
-        stats.policy_seconds += time.perf_counter() - tick
-        stats.policy_calls += 1
-        tick = time.perf_counter()
-        replies = pool.step({w: result.env_actions[i] for i, w in enumerate(workers)})
-        stats.env_seconds += time.perf_counter() - tick
+        result = self.policy.act(inputs, greedy=greedy, temperature=self.temperature, model=self.model,
+                                 use_l1_head=self.use_l1_head, noise=noise, decoder=self.decoder,
+                                 official_greedy=self.official_greedy)
+        # One copy to the host per tensor and call (not one per env): each copy waits for the device.
+        acted = _Acted(workers, inputs, result.env_actions, result.token_ids.cpu(), result.log_probs.cpu(),
+                       None if result.values is None else result.values.float().cpu(), greedy)
+        self.stats.policy_seconds += time.perf_counter() - tick
+        self.stats.policy_calls += 1
+        return acted
+
+    def draws(self, workers: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per env, from its episode's stream: whether this step is greedy, then the step's sampling noise (not
+        drawn when every step is greedy: a greedy evaluation has no randomness)."""
+        streams = [self.streams[self.running[w]] for w in workers]
+        greedy = torch.stack([torch.rand((), generator=s) < self.greedy_probability for s in streams])
+        if self.greedy_probability >= 1.0:
+            return greedy, None
+        return greedy, torch.cat([self.policy.sampling_noise(1, s) for s in streams])
+
+    def record(self, acted: _Acted, replies) -> list[int]:
+        """Store one step of each of these workers' episodes; returns the workers whose episode ended."""
         ended = []
-        for i, worker in enumerate(workers):
+        for i, worker in enumerate(acted.workers):
             reply = replies[worker]
-            episode = episodes[running[worker]]
+            episode = self.episodes[self.running[worker]]
             if not reply.ok:
-                finish(worker, reply.env_error)
+                self.finish(worker, reply.env_error)
                 ended.append(worker)
                 continue
             step = reply.result
-            stats.env_steps += step.steps_executed
+            self.stats.env_steps += step.steps_executed
             episode.length += step.steps_executed
-            if keep_trajectories:
-                episode.inputs.append(inputs.select([i]))
-                episode.token_ids.append(result.token_ids[i].cpu())
-                episode.log_probs.append(result.log_probs[i].cpu())
-                episode.token_masks.append(executed_token_mask(result.token_ids.shape[1], tokens_per_action,
+            if self.keep_trajectories:
+                episode.inputs.append(acted.inputs.select(slice(i, i + 1)))
+                episode.token_ids.append(acted.token_ids[i])
+                episode.log_probs.append(acted.log_probs[i])
+                episode.token_masks.append(executed_token_mask(acted.token_ids.shape[1], self.tokens_per_action,
                                                                step.steps_executed))
-                episode.values.append(float(result.values[i]) if result.values is not None else 0.0)
+                episode.values.append(float(acted.values[i]) if acted.values is not None else 0.0)
                 episode.rewards.append(float(step.reward))
-                episode.greedy.append(bool(greedy[i]))
-            if running[worker] in record_video_items:
+                episode.greedy.append(bool(acted.greedy[i]))
+            if self.running[worker] in self.record_video_items:
                 episode.frames.append(step.observation.primary_image)
             if step.done:
                 episode.success = bool(step.success)
-                finish(worker)
+                self.finish(worker)
                 ended.append(worker)
             else:
-                observations[worker] = step.observation
-        if ended:
-            start_episodes(ended)
-    stats.wall_seconds = time.perf_counter() - started
-    return episodes, stats
+                self.observations[worker] = step.observation
+        return ended
+
+    def finish(self, worker: int, error: str | None = None) -> None:
+        episode = self.episodes[self.running.pop(worker)]
+        episode.env_error = episode.env_error or error
+        self.observations.pop(worker, None)
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def stop(self) -> None:
+        for worker in list(self.running):
+            self.finish(worker, "stopped")
+        for index in self.pending:
+            self.episodes[index].env_error = "stopped"
 
 
 def executed_token_mask(num_tokens: int, tokens_per_action: int, actions_executed: int) -> torch.Tensor:

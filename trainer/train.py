@@ -45,6 +45,7 @@ from trainer.checkpoint import load_latest_checkpoint, save_checkpoint
 from trainer.config import Choice, ConfigError, check, dump, load
 from trainer.dist import BackendName, Dist, DistConfig
 from trainer.engine import Engine, OptimConfig, setup_engine
+from trainer.envs.pool import EnvPool
 from trainer.envs.seeding import iteration_seed
 from trainer.envs.sharding import WorkItem, build_work_items, sample_groups, shard_work_items
 from trainer.evaluate import evaluate, protocol_items
@@ -159,6 +160,13 @@ class AlgoConfig:
         return found
 
 
+class DecodeMode(Choice):
+    AUTO = "auto"
+    DYNAMIC = "dynamic"
+    STATIC = "static"
+    GRAPHS = "graphs"
+
+
 @dataclass
 class RolloutConfig:
     """How episodes are collected."""
@@ -170,13 +178,21 @@ class RolloutConfig:
     video_episodes: int = 0
     """At each evaluation during training, record this many episodes of the greedy evaluation (rank 0's first ones)
     as mp4 in output_dir/videos/iter-XXXXXX/; 0: none."""
-    merge_lora: bool = False
+    merge_lora: bool | str = "auto"
     """Fold the LoRA adapters into the base weights for each rollout and evaluation (faster acting: no adapter GEMMs
     per decoding step), then restore the base weights bit for bit. Costs a copy of every adapted weight while merged.
-    Single-process and DDP runs only (ignored, with a notice, under FSDP / DeepSpeed); a no-op on an int8 base."""
+    Single-process and DDP runs only (ignored, with a notice, under FSDP / DeepSpeed); a no-op on an int8 base.
+    true, false, or "auto": merge when the copy fits the free GPU memory at the rollout (never on CPU runs)."""
+    pipeline: bool = True
+    """Step half of a rank's env workers while the policy acts for the other half (subprocess env pools only; the
+    same episodes and actions as without)."""
+    decode: DecodeMode = DecodeMode.AUTO
+    """Standard OpenVLA's decoding steps: "dynamic" (transformers' cache), "static" (static cache), "graphs" (static
+    cache, CUDA graphs), "auto" (graphs on CUDA with one process or DDP, else dynamic). No effect on OFT."""
 
     def problems(self) -> list[str]:
         found: list[str] = []
+        check(found, self.merge_lora in (True, False, "auto"), "merge_lora", self.merge_lora, "true, false or auto")
         check(found, self.num_generations >= 1, "num_generations", self.num_generations, ">= 1")
         check(found, self.temperature > 0, "temperature", self.temperature, "> 0")
         check(found, self.video_episodes >= 0, "video_episodes", self.video_episodes, ">= 0")
@@ -264,7 +280,8 @@ def load_config(args: list[str]) -> RunConfig:
 def build_run_policy(config: RunConfig, dist: Dist) -> VLAPolicy:
     try:
         return build_policy(config.model, config.lora, config.quant, config.env, dist,
-                            value_head=config.algo.name == AlgoName.PPO, seed=config.train.seed)
+                            value_head=config.algo.name == AlgoName.PPO, seed=config.train.seed,
+                            micro_batch_size=config.algo.micro_batch_size)
     except KeyError as error:  # the model has no action statistics for the suite (processor.select_norm_stats)
         if "unnorm_key" not in str(error):
             raise
@@ -324,6 +341,20 @@ def iteration_items(config: RunConfig, counts: list[int], iteration: int) -> lis
     groups = sample_groups(counts, min(config.env.groups_per_iteration, sum(counts)),
                            iteration_seed(config.train.seed, iteration))
     return build_work_items(groups, config.rollout.num_generations)
+
+
+# --- 2. rollout ------------------------------------------------------------------------------------------------------
+
+
+def rollout_options(config: RunConfig, dist: Dist, pool) -> dict:
+    """collect_episodes' speed options: pipelined env steps (subprocess pools only: in-process envs cannot step
+    while the policy runs) and standard OpenVLA's decoding (rollout.decode; "auto": CUDA graphs on CUDA with one
+    process or DDP, whose parameters stay where they are for the whole rollout)."""
+    decode = str(config.rollout.decode)
+    if decode == DecodeMode.AUTO:
+        graphs_ok = dist.device.type == "cuda" and dist.backend in ("single", "ddp")
+        decode = str(DecodeMode.GRAPHS if graphs_ok else DecodeMode.DYNAMIC)
+    return {"pipeline": config.rollout.pipeline and isinstance(pool, EnvPool), "decode": decode}
 
 
 # --- 3. advantages ---------------------------------------------------------------------------------------------------
@@ -424,7 +455,8 @@ def evaluate_policy(config: RunConfig, engine: Engine, pool, counts: list[int], 
             report = evaluate(engine.policy, pool, items, engine.dist, greedy=greedy,
                               temperature=config.rollout.temperature, seed=config.train.seed + 1 + iteration,
                               model=engine.model, use_l1_head=config.model.use_l1_head_for_eval, stop=stop,
-                              video_dir=videos if recorded else None, videos=recorded)
+                              video_dir=videos if recorded else None, videos=recorded,
+                              **rollout_options(config, engine.dist, pool))
         metrics[f"eval/{'greedy' if greedy else 'sampled'}_success_rate"] = report.success_rate
     return metrics
 
@@ -443,7 +475,7 @@ def train(config: RunConfig) -> dict:
     logger.print(policy.summary())
     optimizer, scheduler = build_optimizer(config.optim, policy, config.train.iterations, config.quant.optimizer_8bit)
     engine = setup_engine(dist, policy, optimizer, config.optim, merge_lora=config.rollout.merge_lora)
-    if config.rollout.merge_lora and not engine.merges_lora:
+    if config.rollout.merge_lora is True and not engine.merge_lora:
         logger.print(f"rollout.merge_lora is ignored with the {dist.backend} backend (single process or DDP only)")
     learner = Learner(engine, epochs=config.algo.ppo_epochs, mini_batches=config.algo.num_mini_batches,
                       micro_batch_size=config.algo.micro_batch_size, seed=config.train.seed)
@@ -462,7 +494,7 @@ def train(config: RunConfig) -> dict:
     logger.write_config(dump(config))  # after the resume: a refused one leaves the run's config.yaml as it was
     saved_iteration = None  # the iteration whose state the last checkpoint of this process holds
 
-    pool = make_env_pool(config.env, dist)
+    pool = make_env_pool(config.env, dist, policy=policy)
     counts = init_states_per_task(config.env, pool)
     last_metrics: dict = {}
     with pool, StopRequested() as stop:
@@ -493,7 +525,7 @@ def train(config: RunConfig) -> dict:
                     episode_offset=iteration * EPISODE_SEED_STRIDE, model=engine.model,
                     generator=torch.Generator().manual_seed(iteration_seed(config.train.seed, iteration)
                                                             + 7919 * dist.rank),
-                    progress=bar, should_stop=stop)
+                    progress=bar, should_stop=stop, **rollout_options(config, dist, pool))
             if stop_agreed():
                 break  # weights untouched this iteration: the checkpoint below resumes exactly here
 

@@ -14,16 +14,29 @@ from typing import Any
 import numpy as np
 
 from trainer.envs import make_env
-from trainer.envs.pool import EnvInfo, PoolStats, ResetReply, ResetRequest, StepReply, WorkerStats, describe_env
+from trainer.envs.pool import (
+    EnvInfo,
+    PendingStep,
+    PoolStats,
+    ResetReply,
+    ResetRequest,
+    StepReply,
+    WorkerStats,
+    describe_env,
+)
+from trainer.envs.preprocess import TransformedEnv
 
 
 class InlinePool:
-    def __init__(self, suite: str, num_workers: int, env_kwargs: Mapping[str, Any] | None = None, **_ignored):
+    def __init__(self, suite: str, num_workers: int, env_kwargs: Mapping[str, Any] | None = None, *,
+                 observation_transform=None, **_ignored):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.suite = suite
         self.num_workers = num_workers
         self._envs = [make_env(suite, **dict(env_kwargs or {})) for _ in range(num_workers)]
+        if observation_transform is not None:  # as EnvPool's workers do it (trainer.envs.preprocess)
+            self._envs = [TransformedEnv(env, observation_transform) for env in self._envs]
         self.info: EnvInfo = describe_env(self._envs[0])
         self.stats = PoolStats(workers=[WorkerStats() for _ in range(num_workers)])
 
@@ -38,6 +51,13 @@ class InlinePool:
             replies[index] = ResetReply(observation, None, seconds)
         self.stats.reset_calls += 1
         return replies
+
+    def step_begin(self, actions: Mapping[int, np.ndarray], timeout_s: float | None = None) -> PendingStep:
+        """EnvPool's asynchronous step, for the same rollout code: here the envs step at once, in this process."""
+        return PendingStep(self.step(actions, timeout_s), time.perf_counter())
+
+    def step_end(self, pending: PendingStep) -> dict[int, StepReply]:
+        return pending.flight
 
     def step(self, actions: Mapping[int, np.ndarray], timeout_s: float | None = None) -> dict[int, StepReply]:
         started = time.perf_counter()

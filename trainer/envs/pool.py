@@ -9,6 +9,8 @@ lose only the episode whose simulator failed (DESIGN invariant 6). So this pool 
   (or "forkserver") process, which is safe with torch and CUDA loaded in the parent. All workers start at once:
   creating a LIBERO env takes ~5 s, so starting them one after another would cost minutes.
 - reset() and step() send to every addressed worker first, then collect replies until a per-call deadline.
+  step_begin() / step_end() are the two halves of step(): a pipelined rollout runs the policy for some workers while
+  others step.
 - A worker that dies, hangs past the deadline, or raises inside the env is killed (with its process group) and
   replaced by a fresh process at once; its reply carries `env_error` (a description) so the caller drops that episode
   from training and success statistics. The other workers' replies are untouched.
@@ -48,6 +50,7 @@ import numpy as np
 
 from trainer.envs import SUITES, make_env
 from trainer.envs.base import ACTION_DIM, Observation, StepResult
+from trainer.envs.preprocess import TransformedEnv
 from trainer.envs.render import RenderFallbackWarning, fallback_reason
 
 logger = logging.getLogger(__name__)
@@ -97,6 +100,25 @@ class StepReply:
     @property
     def ok(self) -> bool:
         return self.env_error is None
+
+
+@dataclass
+class _InFlight:
+    """A command sent to some workers whose replies are not collected yet (EnvPool._send / _receive)."""
+
+    command: str
+    pending: dict  # connection -> worker index
+    failures: dict[int, str]  # workers that could not be sent to
+    deadline: float  # time.monotonic() by which the replies must have come
+    timeout_s: float
+
+
+@dataclass
+class PendingStep:
+    """A step sent with `step_begin`, to be collected with `step_end`."""
+
+    flight: Any  # _InFlight for EnvPool; the replies themselves for InlinePool
+    started: float  # time.perf_counter() at the send
 
 
 @dataclass
@@ -165,8 +187,9 @@ def render_notes() -> dict:
             "fallback_reason": fallback_reason()}
 
 
-def _worker_main(conn, suite: str, env_kwargs: dict, env_vars: dict) -> None:
-    """Serve ("reset", ResetRequest) / ("step", actions) / ("close", None); reply (status, value, env_seconds)."""
+def _worker_main(conn, suite: str, env_kwargs: dict, env_vars: dict, observation_transform=None) -> None:
+    """Serve ("reset", ResetRequest) / ("step", actions) / ("close", None); reply (status, value, env_seconds).
+    Observations go through `observation_transform` (if any) before they are sent (trainer.envs.preprocess)."""
     os.setpgrp()  # own process group: the pool can kill the env and anything it started in one call
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business; it closes the pool
     threading.Thread(target=_exit_when_parent_dies, args=(os.getppid(),), daemon=True).start()
@@ -178,6 +201,8 @@ def _worker_main(conn, suite: str, env_kwargs: dict, env_vars: dict) -> None:
         for warning in caught:  # the pool reports a rendering fallback once for all its workers; others as usual
             if not issubclass(warning.category, RenderFallbackWarning):
                 warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        if observation_transform is not None:
+            env = TransformedEnv(env, observation_transform)
         conn.send(("ready", (describe_env(env), render_notes()), 0.0))
     except BaseException:  # noqa: BLE001 -- whatever went wrong, the parent gets the traceback instead of a silent EOF
         conn.send(("error", traceback.format_exc(), 0.0))
@@ -254,6 +279,7 @@ class EnvPool:
         close_timeout_s: float = 5.0,
         max_consecutive_failures: int = 3,
         start_method: str = "spawn",
+        observation_transform=None,
     ):
         """
         Args:
@@ -268,6 +294,9 @@ class EnvPool:
                 something systematic (bad config, broken install): the pool raises instead of retrying forever.
             start_method: "spawn" or "forkserver"; "fork" is refused because forking a process that holds torch
                 threads or a CUDA context can deadlock the child.
+            observation_transform: a picklable callable every worker applies to the observations it returns, e.g.
+                the policy's image pipeline (trainer.envs.preprocess.PrepareViews), so that it runs in parallel in
+                the workers instead of in the trainer process.
         """
         if suite not in SUITES:
             raise ValueError(f"unknown env suite {suite!r}; valid suites: {', '.join(SUITES)}")
@@ -291,6 +320,7 @@ class EnvPool:
         self.max_consecutive_failures = max_consecutive_failures
         self._env_kwargs = [{**(env_kwargs or {}), **per_worker_env_kwargs.get(i, {})} for i in range(num_workers)]
         self._env_vars = dict(env_vars or {})
+        self._observation_transform = observation_transform
         self._context = multiprocessing.get_context(start_method)
         self._closed = False
         self.started_pids: list[int] = []  # every worker process ever started, replacements included
@@ -338,18 +368,30 @@ class EnvPool:
 
     def step(self, actions: Mapping[int, np.ndarray], timeout_s: float | None = None) -> dict[int, StepReply]:
         """Run one action chunk ([k, 7]) on each addressed worker; each must have an episode in progress."""
+        return self.step_end(self.step_begin(actions, timeout_s))
+
+    def step_begin(self, actions: Mapping[int, np.ndarray], timeout_s: float | None = None) -> PendingStep:
+        """The first half of `step`: send the chunks and return at once, while the workers step. Collect the replies
+        with `step_end`; until then those workers take no other call (other workers do). The deadline runs from now.
+        This is what lets a rollout run the policy on some envs while others step (rollout.pipeline)."""
         self._check_open()
         checked = {}
         for index, chunk in actions.items():
             self._check_index(index)
+            if self._workers[index].busy:
+                raise RuntimeError(f"worker {index} has a step in flight: collect it with step_end first")
             if not self._workers[index].episode_active:
                 raise RuntimeError(
                     f"worker {index} has no episode in progress (it ended, failed, or was never reset): reset it first"
                 )
             checked[index] = self._check_actions(index, chunk)
         started = time.perf_counter()
+        return PendingStep(self._send("step", checked, timeout_s or self.step_timeout_s), started)
+
+    def step_end(self, pending: PendingStep) -> dict[int, StepReply]:
+        """Wait for the replies of a `step_begin` (up to its deadline); as `step` returns them."""
         replies = {}
-        for index, (value, error, seconds) in self._call("step", checked, timeout_s or self.step_timeout_s).items():
+        for index, (value, error, seconds) in self._receive(pending.flight).items():
             worker, stats = self._workers[index], self.stats.workers[index]
             worker.episode_active = error is None and not value.done
             if error is None:
@@ -358,7 +400,7 @@ class EnvPool:
                 stats.actions += value.steps_executed
             replies[index] = StepReply(result=value, env_error=error, env_seconds=seconds)
         self.stats.step_calls += 1
-        self.stats.step_call_seconds += time.perf_counter() - started
+        self.stats.step_call_seconds += time.perf_counter() - pending.started
         return replies
 
     @property
@@ -403,7 +445,7 @@ class EnvPool:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=_worker_main,
-            args=(child_conn, self.suite, self._env_kwargs[index], self._env_vars),
+            args=(child_conn, self.suite, self._env_kwargs[index], self._env_vars, self._observation_transform),
             name=f"{self.suite}-env-worker-{index}",
         )
         process.start()
@@ -465,7 +507,10 @@ class EnvPool:
         self, command: str, payloads: Mapping[int, Any], timeout_s: float
     ) -> dict[int, tuple[Any, str | None, float]]:
         """Send command to each addressed worker, then collect (value, env_error, env_seconds) per worker."""
-        results: dict[int, tuple[Any, str | None, float]] = {}
+        return self._receive(self._send(command, payloads, timeout_s))
+
+    def _send(self, command: str, payloads: Mapping[int, Any], timeout_s: float) -> _InFlight:
+        """Send command to each addressed worker (replacements are awaited first); the reply deadline starts now."""
         failures: dict[int, str] = {}
         # Replacements started after an earlier failure must be ready before they can serve.
         for index, error in self._await_ready(payloads, self.start_timeout_s).items():
@@ -482,10 +527,14 @@ class EnvPool:
                 pending[worker.conn] = index
             except OSError:  # BrokenPipeError and friends: the worker is already gone
                 failures[index] = f"worker died before {command} ({self._exit_description(worker)})"
+        return _InFlight(command, pending, failures, time.monotonic() + timeout_s, timeout_s)
 
-        deadline = time.monotonic() + timeout_s
+    def _receive(self, flight: _InFlight) -> dict[int, tuple[Any, str | None, float]]:
+        """Collect the replies of a `_send` until its deadline; workers that failed or missed it are replaced."""
+        command, pending, failures = flight.command, dict(flight.pending), dict(flight.failures)
+        results: dict[int, tuple[Any, str | None, float]] = {}
         while pending:
-            remaining = deadline - time.monotonic()
+            remaining = flight.deadline - time.monotonic()
             if remaining <= 0:
                 break
             for conn in multiprocessing.connection.wait(list(pending), timeout=remaining):
@@ -503,7 +552,7 @@ class EnvPool:
                 else:
                     failures[index] = f"env raised during {command}:\n{value}"
         for index in pending.values():
-            failures[index] = f"no reply to {command} within {timeout_s:g} s (hung)"
+            failures[index] = f"no reply to {command} within {flight.timeout_s:g} s (hung)"
 
         for index, reason in failures.items():
             self._replace(index, reason)

@@ -21,6 +21,7 @@ OFFICIAL_SCENE = 2**32
 _EPISODE_STREAM = 0
 _ITERATION_STREAM = 1
 _SAMPLING_STREAM = 2
+_EPISODE_SAMPLING_STREAM = 3
 
 
 def _check_seed_inputs(**values: int) -> None:
@@ -50,3 +51,10 @@ def sampling_seed(run_seed: int, rank: int, episode_offset: int) -> int:
     """Seed in [0, 2**32) for a rank's action sampling in a rollout whose episodes start at `episode_offset`."""
     _check_seed_inputs(run_seed=run_seed, rank=rank, episode_offset=episode_offset)
     return _seed_from_path(run_seed, (_SAMPLING_STREAM, rank, episode_offset))
+
+
+def episode_sampling_seed(base_seed: int, episode: int) -> int:
+    """Seed in [0, 2**32) of one episode's action-sampling stream in a rollout whose streams derive from `base_seed`
+    (trainer.rollout: each episode samples from its own stream, whatever batch its env is in)."""
+    _check_seed_inputs(base_seed=base_seed, episode=episode)
+    return _seed_from_path(base_seed, (_EPISODE_SAMPLING_STREAM, episode))

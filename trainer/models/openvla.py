@@ -200,6 +200,15 @@ class OpenVLA(nn.Module):
             self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.vision_backbone.gradient_checkpointing = True
 
+    def gradient_checkpointing_disable(self) -> None:
+        """Undo `gradient_checkpointing_enable` (the benchmark measures the update both ways in one process)."""
+        if hasattr(self.language_model, "activation_checkpointing_disable"):
+            self.language_model.activation_checkpointing_disable()
+        else:
+            self.language_model.gradient_checkpointing_disable()
+        self.vision_backbone.gradient_checkpointing = False
+        self.reentrant_checkpointing = False
+
     def _language_model_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
         """The reentrant checkpoint only back-propagates into a layer whose input needs a gradient: with LoRA on the
         language model alone (nothing trainable before it), the input embeddings must ask for one."""
@@ -295,11 +304,29 @@ class OpenVLA(nn.Module):
             inputs_embeds=self.language_model.get_input_embeddings()(ids), attention_mask=mask,
             position_ids=next_position[:, None], past_key_values=cache, use_cache=True,
         )
-        action_logits, vocab_logits = self._logits(out.last_hidden_state, full_vocabulary)
-        return VLAOutput(
-            action_logits=action_logits, vocab_logits=vocab_logits, value_hidden=None,
-            past_key_values=out.past_key_values, attention_mask=mask, next_position=next_position + 1,
+        step = self._decoding_output(out.last_hidden_state, full_vocabulary)
+        step.past_key_values, step.attention_mask, step.next_position = out.past_key_values, mask, next_position + 1
+        return step
+
+    def static_decode_step(self, ids: torch.Tensor, cache, mask: torch.Tensor, position: torch.Tensor) -> VLAOutput:
+        """A decoding step on fixed buffers (trainer.models.decoding.StaticDecoder): ``ids``/``position`` [B, 1],
+        ``mask`` [B, 1, 1, L] bool (True: attend), ``cache`` a StaticKVCache whose ``slot`` the token is written at.
+        Device-side state only (the slot is unmasked and then advanced, the positions advanced, on the device), so the
+        step can be captured in a CUDA graph. The same function as ``_decode_step`` on the dynamic cache (action
+        logits only: the official whole-vocabulary greedy decode runs on the dynamic cache)."""
+        mask.index_fill_(3, cache.slot, True)
+        out = self.language_model.model(
+            inputs_embeds=self.language_model.get_input_embeddings()(ids), attention_mask=mask, position_ids=position,
+            past_key_values=cache, use_cache=True,
         )
+        cache.slot.add_(1)
+        position.add_(1)
+        return self._decoding_output(out.last_hidden_state)
+
+    def _decoding_output(self, hidden: torch.Tensor, full_vocabulary: bool = False) -> VLAOutput:
+        """What one decoding step gives the action choice (shared by the dynamic and the static step)."""
+        action_logits, vocab_logits = self._logits(hidden, full_vocabulary)
+        return VLAOutput(action_logits=action_logits, vocab_logits=vocab_logits, value_hidden=None)
 
     def _forward_parallel(self, prefix, text, mask, with_l1_actions: bool, full_vocabulary: bool) -> VLAOutput:
         """OFT: all action slots in one bidirectional forward; empty (zero) embeddings at the slots, then </s> (left

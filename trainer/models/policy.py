@@ -20,6 +20,7 @@ policy's forward. Wrappers only ever see `forward` calls.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,9 @@ import torch
 from torch import nn
 
 from trainer.envs.base import Observation
+from trainer.envs.preprocess import PreparedObservation, PrepareViews
 from trainer.models.action_tokenizer import ActionTokenizer
+from trainer.models.decoding import StaticDecoder, sampling_noise
 from trainer.models.openvla import OpenVLA, VLAOutput
 from trainer.models.processor import (
     ImagePipeline,
@@ -178,6 +181,8 @@ class VLAPolicy(nn.Module):
         if self.config.is_oft and _has_lora(vla):
             # Built for fine-tuning here (RL on the action tokens); kept in the config so that exports say so too.
             self.config.trainer.oft.trained_on_tokens = True
+        self._adapters_merged = False  # inside merged_adapters
+        self._weights_version = 0  # bumped when merged_adapters folds or restores weights (see static_decoder)
 
     # --- what this policy is (printed by training and in evaluation reports) ------------------------------------
 
@@ -253,8 +258,14 @@ class VLAPolicy(nn.Module):
         return self._prompt_cache[instruction]
 
     def prepare(self, observations: list[Observation]) -> PolicyInputs:
+        """Model inputs of a batch of observations. Views that the env workers already put through this policy's
+        image pipeline (`worker_transform`) are only stacked; raw frames go through the pipeline here."""
         views = []
         for obs in observations:
+            if (isinstance(obs, PreparedObservation) and obs.pipeline == self.image_pipeline
+                    and len(obs.views) == self.config.num_images):
+                views.append(obs.views)
+                continue
             frames = [obs.primary_image, obs.wrist_image][: self.config.num_images]
             views.append(np.stack([self.image_pipeline(f) for f in frames]))
         prompts = [self.prompt_ids(obs.instruction) for obs in observations]
@@ -266,6 +277,11 @@ class VLAPolicy(nn.Module):
         if self.config.is_oft and self.config.trainer.oft.use_proprio:
             proprio = torch.from_numpy(np.stack([normalize_proprio(o.proprio, self.proprio_stats) for o in observations]))
         return PolicyInputs(torch.from_numpy(np.stack(views)), text_ids, text_mask, proprio)
+
+    def worker_transform(self) -> PrepareViews:
+        """The observation transform for env workers (EnvPool's observation_transform) that runs this policy's image
+        pipeline in the workers: `prepare` then only stacks the views (trainer/envs/preprocess.py)."""
+        return PrepareViews(self.image_pipeline, self.config.num_images)
 
     # --- the module's forward: what DDP / FSDP / DeepSpeed wrap ----------------------------------------------------
 
@@ -282,10 +298,26 @@ class VLAPolicy(nn.Module):
 
     def adapters_in_base_dtype(self):
         """Autocast for fp32 adapters on a bf16 base (see `mixed_precision_adapters`). Nested around a whole `act`,
-        autocast's cache casts each adapter weight once for the prefill and all decoding steps, not once per step."""
-        if self.adapter_compute_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.adapter_compute_dtype)
+        autocast's cache casts each adapter weight once for the prefill and all decoding steps, not once per step.
+        Off while the adapters are merged (`merged_adapters`): they do not run, and autocast would only add its
+        dispatch cost to every op and fp32 casts around the towers' normalisation layers."""
+        dtype = self._active_autocast_dtype()
+        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
+    def _active_autocast_dtype(self) -> torch.dtype | None:
+        return None if self._adapters_merged else self.adapter_compute_dtype
+
+    def _mergeable_lora_layers(self) -> list[nn.Module]:
+        """The LoRA layers `merged_adapters` would merge (none when any of them cannot be merged exactly)."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in self.vla.modules() if isinstance(m, LoraLayer) and not m.merged and not m.disable_adapters]
+        return layers if layers and _all_mergeable(layers, self.vla) else []
+
+    def merge_copy_bytes(self) -> int:
+        """Bytes of the base-weight copies `merged_adapters` keeps while merged (0: nothing would be merged)."""
+        weights = [layer.get_base_layer().weight for layer in self._mergeable_lora_layers()]
+        return sum(w.numel() * w.element_size() for w in weights)
 
     @contextmanager
     def merged_adapters(self):
@@ -312,10 +344,8 @@ class VLAPolicy(nn.Module):
         single-process and DDP runs). The `adapters_in_base_dtype` autocast is harmless while merged: the adapters
         are not called, and the base layers compute as they do unmerged.
         """
-        from peft.tuners.lora import LoraLayer
-
-        layers = [m for m in self.vla.modules() if isinstance(m, LoraLayer) and not m.merged and not m.disable_adapters]
-        if not layers or not _all_mergeable(layers, self.vla):
+        layers = self._mergeable_lora_layers()
+        if not layers:
             yield
             return
         originals = []
@@ -329,8 +359,12 @@ class VLAPolicy(nn.Module):
                     # In place (safe_merge would swap in a new tensor and clone again); an fp32 delta is rounded into
                     # a bf16 weight by the in-place add.
                     layer.merge(safe_merge=False)
+            self._adapters_merged = True
+            self._weights_version += 1
             yield
         finally:
+            self._adapters_merged = False
+            self._weights_version += 1
             with torch.no_grad(), torch.autocast(device_type, enabled=False):
                 for layer, weight, original in originals:
                     if layer.merged:
@@ -339,71 +373,120 @@ class VLAPolicy(nn.Module):
 
     # --- acting -----------------------------------------------------------------------------------------------------
 
-    def _choose(self, action_logits: torch.Tensor, greedy, temperature: float, generator=None,
-                vocab_logits: torch.Tensor | None = None):
-        """Token ids and their log-probs per position. Sampled steps draw from the action ids at `temperature`; greedy
-        steps take the argmax over the action ids, or with `vocab_logits` (official greedy) over the whole vocabulary,
-        with the log-prob under the whole-vocabulary softmax."""
-        scaled = action_logits / temperature
-        log_probs = torch.log_softmax(scaled, dim=-1)
-        flat = log_probs.reshape(-1, log_probs.shape[-1])
-        # Sampled on the CPU with the caller's (CPU) generator: the same draws on any device, and a few kB to move.
-        sampled = torch.multinomial(flat.exp().float().cpu(), 1, generator=generator).to(action_logits.device)
-        sampled = sampled.reshape(log_probs.shape[:-1])
+    @staticmethod
+    def _choose(logits: torch.Tensor, greedy: torch.Tensor, temperature: float, noise: torch.Tensor | None):
+        """The action choice: per position, argmax (greedy rows) or a sample over the action vocabulary at
+        `temperature`; returns local indices and their log-probs (the same function of the logits as `evaluate`).
+
+        Sampling is Gumbel-max with the given noise (trainer.models.decoding.sampling_noise), an exact sample of
+        softmax(logits / T) that needs no random-number call and no copy to the host here. `greedy` is a bool tensor
+        [B]; `noise` matches `logits` (None when every row is greedy)."""
+        log_probs = torch.log_softmax(logits / temperature, dim=-1)
         argmax = log_probs.argmax(-1)
-        greedy_mask = torch.as_tensor(greedy, device=action_logits.device, dtype=torch.bool)
-        if greedy_mask.ndim == 1:  # per-sample choice (epsilon-greedy hand-over)
-            greedy_mask = greedy_mask.view(-1, *([1] * (argmax.ndim - 1)))
-        choice = torch.where(greedy_mask, argmax, sampled)
-        token_ids = self.action_tokenizer.local_to_token_ids(choice)
-        chosen_log_probs = log_probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
-        if vocab_logits is not None:
-            vocab_log_probs = torch.log_softmax(vocab_logits.float() / temperature, dim=-1)
-            vocab_argmax = vocab_log_probs.argmax(-1)
-            token_ids = torch.where(greedy_mask, vocab_argmax, token_ids)
-            vocab_chosen = vocab_log_probs.gather(-1, vocab_argmax.unsqueeze(-1)).squeeze(-1)
-            chosen_log_probs = torch.where(greedy_mask, vocab_chosen, chosen_log_probs)
-        return token_ids, chosen_log_probs
+        if noise is None:
+            choice = argmax
+        else:
+            sampled = (log_probs + noise).argmax(-1)
+            greedy_rows = greedy.view(-1, *([1] * (argmax.ndim - 1)))
+            choice = torch.where(greedy_rows, argmax, sampled)
+        return choice, log_probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+
+    def _choose_tokens(self, action_logits: torch.Tensor, greedy: torch.Tensor, temperature: float,
+                       noise: torch.Tensor | None, vocab_logits: torch.Tensor | None = None):
+        """Token ids and their log-probs per position (`_choose` over the action ids). With `vocab_logits` (the
+        official greedy decode) greedy rows take the argmax over the whole vocabulary instead, with the log-prob under
+        the whole-vocabulary softmax; sampled rows stay on the action ids."""
+        local, log_probs = self._choose(action_logits, greedy, temperature, noise)
+        token_ids = self.action_tokenizer.local_to_token_ids(local)
+        if vocab_logits is None:
+            return token_ids, log_probs
+        vocab_log_probs = torch.log_softmax(vocab_logits.float() / temperature, dim=-1)
+        vocab_argmax = vocab_log_probs.argmax(-1)
+        rows = greedy.view(-1, *([1] * (vocab_argmax.ndim - 1)))
+        vocab_chosen = vocab_log_probs.gather(-1, vocab_argmax.unsqueeze(-1)).squeeze(-1)
+        return (torch.where(rows, vocab_argmax, token_ids),
+                torch.where(rows, vocab_chosen.to(log_probs.dtype), log_probs))
+
+    def sampling_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Gumbel noise [batch, action positions, bins] for one act (CPU, from `generator`)."""
+        return sampling_noise(generator, (batch, self.base_model.num_action_slots, self.config.n_action_bins))
 
     @torch.no_grad()
     def act(self, inputs: PolicyInputs, greedy=False, temperature: float = 1.0, model: nn.Module | None = None,
-            use_l1_head: bool = False, generator: torch.Generator | None = None,
-            official_greedy: bool = False) -> ActResult:
+            use_l1_head: bool = False, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+            decoder: StaticDecoder | None = None, official_greedy: bool = False) -> ActResult:
         """Actions for a batch. `greedy` is a bool or a bool tensor [B] (per-sample greedy, for epsilon-greedy).
 
-        `official_greedy`: greedy steps decode as the official code (argmax over the whole vocabulary; module
-        docstring). For evaluation: the token ids it returns may lie outside the action range, which the update
-        cannot train on.
+        noise: Gumbel noise [B, action positions, bins] for the sampled rows (`sampling_noise`); a rollout draws it
+            per episode, so that an env's actions do not depend on the batch it was in. Default: drawn here for the
+            whole batch from `generator` (a CPU generator; None: torch's global one).
+        decoder: a StaticDecoder (`static_decoder`) for standard OpenVLA's decoding steps; None: the dynamic cache.
+        official_greedy: greedy steps decode as the official code (argmax over the whole vocabulary; module
+            docstring), on the dynamic cache. For evaluation: the token ids it returns may lie outside the action
+            range, which the update cannot train on.
         """
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+        batch = len(inputs)
+        greedy = torch.as_tensor(greedy, dtype=torch.bool).expand(batch)
+        if bool(greedy.all()):
+            noise = None
+        elif noise is None:
+            noise = self.sampling_noise(batch, generator)
+        elif noise.shape != (batch, self.base_model.num_action_slots, self.config.n_action_bins):
+            raise ValueError(f"noise must have shape [{batch}, {self.base_model.num_action_slots}, "
+                             f"{self.config.n_action_bins}], got {tuple(noise.shape)}")
+        # Eval mode: no dropout, and the KV cache stays on (transformers drops it under gradient checkpointing). Only
+        # switched when needed: switching visits every module (about 5,800 with LoRA on OpenVLA-7B, 20-50 ms of CPU
+        # per act), and rollouts run in eval mode already.
         was_training = self.training
-        self.eval()  # no dropout, and the KV cache stays on (transformers drops it under gradient checkpointing)
+        if was_training:
+            self.eval()
         try:
             with self.adapters_in_base_dtype():
-                full_vocabulary = official_greedy and not use_l1_head and bool(torch.as_tensor(greedy).any())
-                return self._act(inputs, greedy, temperature, model or self, use_l1_head, generator, full_vocabulary)
+                full_vocabulary = official_greedy and not use_l1_head and bool(greedy.any())
+                return self._act(inputs, greedy, temperature, model or self, use_l1_head, noise, decoder,
+                                 full_vocabulary)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
 
-    def _act(self, inputs, greedy, temperature, model, use_l1_head, generator, full_vocabulary) -> ActResult:
+    def _act(self, inputs, greedy, temperature, model, use_l1_head, noise, decoder, full_vocabulary) -> ActResult:
         inputs = inputs.to(self.device)
+        greedy = greedy.to(self.device)
+        noise = None if noise is None else noise.to(self.device, non_blocking=True)
         if self.config.is_oft:
             out = model(inputs, with_l1_actions=use_l1_head, full_vocabulary=full_vocabulary)
-            token_ids, log_probs = self._choose(out.action_logits, greedy, temperature, generator, out.vocab_logits)
+            token_ids, log_probs = self._choose_tokens(out.action_logits, greedy, temperature, noise, out.vocab_logits)
         else:
             out = model(inputs, use_cache=True, full_vocabulary=full_vocabulary)
+            # The whole-vocabulary logits come from the dynamic steps only (OpenVLA.static_decode_step).
+            static = (decoder is not None and not full_vocabulary
+                      and decoder.fits(len(inputs), out.attention_mask.shape[1]))
+            if static:
+                self._check_decoder(decoder)
+                decoder.start(out, len(inputs))
+            elif decoder is not None and not full_vocabulary:
+                decoder.fallbacks += 1
+                if decoder.fallbacks == 1:
+                    warnings.warn(f"a batch of {len(inputs)} with a prefill of {out.attention_mask.shape[1]} tokens "
+                                  f"does not fit the static decoder: decoded with the dynamic cache (slower); give "
+                                  f"static_decoder a larger max_batch / max_text_tokens", stacklevel=3)
             token_steps, log_prob_steps = [], []
             step = out
             for index in range(self.config.trainer.action_dim):
                 vocab_logits = None if step.vocab_logits is None else step.vocab_logits[:, -1]
-                ids, log_prob = self._choose(step.action_logits[:, -1], greedy, temperature, generator, vocab_logits)
+                ids, log_prob = self._choose_tokens(step.action_logits[:, -1], greedy, temperature,
+                                                    None if noise is None else noise[:, index], vocab_logits)
                 token_steps.append(ids)
                 log_prob_steps.append(log_prob)
                 if index + 1 < self.config.trainer.action_dim:
-                    step = model(decode_ids=ids[:, None], past_key_values=step.past_key_values,
-                                 attention_mask=step.attention_mask, next_position=step.next_position,
-                                 full_vocabulary=full_vocabulary)
+                    if static:
+                        step = decoder.step(ids[:, None])
+                    else:
+                        step = model(decode_ids=ids[:, None], past_key_values=step.past_key_values,
+                                     attention_mask=step.attention_mask, next_position=step.next_position,
+                                     full_vocabulary=full_vocabulary)
             token_ids, log_probs = torch.stack(token_steps, 1), torch.stack(log_prob_steps, 1)
             if full_vocabulary:
                 token_ids, log_probs = self._end_at_stop_token(token_ids, log_probs, inputs.text_ids)
@@ -427,6 +510,24 @@ class VLAPolicy(nn.Module):
             token_ids[row] = torch.cat([text_ids[row, text_ids.shape[1] - (n - generated):], token_ids[row, :generated]])
             log_probs[row] = torch.cat([log_probs.new_zeros(n - generated), log_probs[row, :generated]])
         return token_ids, log_probs
+
+    def static_decoder(self, max_batch: int, graphs: bool = False, max_text_tokens: int = 64) -> StaticDecoder | None:
+        """A StaticDecoder for acting on batches of up to `max_batch` with prompts of up to `max_text_tokens` tokens
+        (longer ones fall back to the dynamic cache), or None for OpenVLA-OFT (no decoding steps).
+
+        Build it inside the weight state it will act with (e.g. inside `merged_adapters`): CUDA graphs hold the
+        addresses of what they read, and `act` refuses a decoder built in another state."""
+        if self.config.is_oft:
+            return None
+        base = self.base_model
+        prefix = 1 + self.config.num_images * base.vision_backbone.featurizer.patch_embed.num_patches
+        return StaticDecoder(base, max_batch, prefix + max_text_tokens, graphs=graphs,
+                             autocast_dtype=self._active_autocast_dtype(), weights_version=self._weights_version)
+
+    def _check_decoder(self, decoder: StaticDecoder) -> None:
+        if decoder.weights_version != self._weights_version or decoder.model is not self.base_model:
+            raise RuntimeError("this StaticDecoder was built for another model or weight state (adapters merged or "
+                               "restored since); build a new one with policy.static_decoder() inside the current state")
 
     def to_env_actions(self, normalized: np.ndarray) -> np.ndarray:
         range_eps = 1e-8 if self.config.is_oft else 0.0
