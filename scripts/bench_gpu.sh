@@ -15,6 +15,9 @@
 #                                      # iterations on the LIBERO stand-in with each lever on its own and together
 #                                      # ($OUT/levers.json); GPU 1 checks CUDA-graph decoding against the eager paths
 #                                      # and times OpenVLA's decode vs the plain-transformers ceiling ($OUT/decode.json)
+#   bash scripts/bench_gpu.sh scaling  # issue 13 items 3-4 (2-GPU host, < 9 min): update samples/s on 1 GPU with the
+#                                      # LoRA ceiling, then DDP, FSDP2, FSDP2 without reshard, ZeRO-3 on 2 GPUs; each
+#                                      # step of 3 reported (ranges) and the scaling vs 1 GPU ($OUT/scaling.json)
 # Real LIBERO (carry .libero_kit and .gl, made by scripts/prepare_gpu_carry.sh; .osmesa too for libero_costs):
 #   bash scripts/bench_gpu.sh libero_costs  # per-step costs (build, reset, physics, EGL and OSMesa rendering) and
 #                                           # pools of 8/16/24 workers on 16 cores; EGL per rank shown on 2 GPUs,
@@ -33,7 +36,7 @@ PY=${PY:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # scripts/*.py import the trainer package from the checkout
 report="$OUT/report.json"
 run() { echo "=== $*"; local start=$SECONDS; "$@" 2>&1 | grep -v -E "Warning|warn\(|kernels-community|USDT|gpuGetDeviceCount" | tail -${TAIL:-40}; echo "=== took $((SECONDS - start)) s"; }
-launch() { local config=$1; shift; run $PY -m accelerate.commands.launch --config_file "$config" --num_processes 2 "$@"; }
+launch() { local config=$1; shift; run ${LAUNCH_TIMEOUT:+timeout $LAUNCH_TIMEOUT} $PY -m accelerate.commands.launch --config_file "$config" --num_processes 2 "$@"; }
 e2e() { local name=$1; shift; run "$@" --train.output_dir "$OUT/e2e_$name"; cp "$OUT/e2e_$name/metrics.jsonl" "$OUT/e2e_${name}.jsonl"; rm -rf "$OUT/e2e_$name"; }
 
 # --- real LIBERO -------------------------------------------------------------------------------------------------------
@@ -170,6 +173,17 @@ case "$stage" in
     echo "=== speed stage took $((SECONDS - start)) s"
     grep -v -E "Warning|warn\(|kernels-community" "$OUT/decode.log" | tail -n ${TAIL:-45}
     grep -v -E "Warning|warn\(|kernels-community" "$OUT/levers.log" | tail -n ${TAIL:-45}
+    ;;
+  scaling)
+    steps=${STEPS:-3}
+    LAUNCH_TIMEOUT=${LAUNCH_TIMEOUT:-100}  # per 2-GPU set-up (building the random 7B model included)
+    CUDA_VISIBLE_DEVICES=0 run timeout ${SCALING_SINGLE_TIMEOUT:-110} $PY -m trainer bench --parts lora_ceiling,update \
+      --update-batch 16 --steps $steps --label single --out "$OUT/scaling.json"
+    for setup in ${SCALING_SETUPS:-ddp_2gpu fsdp_1node fsdp_1node_no_reshard deepspeed_zero3}; do
+      launch accelerate_configs/$setup.yaml -m trainer bench --parts update --update-batch 16 --steps $steps \
+        --label $setup --out "$OUT/scaling.json"
+    done
+    $PY -c "import json, sys; r = json.load(open(sys.argv[1])); [print('SUMMARY', k, {n: round(x, 3) for n, x in v.items()}) for k, v in r.get('ratios', {}).items()]" "$OUT/scaling.json"
     ;;
   e2e2)
     for backend in ${BACKENDS:-fsdp_1node ddp_2gpu deepspeed_zero3}; do

@@ -180,3 +180,26 @@ def test_the_update_part_runs_the_training_update_set_up_as_training_does():
     result = bench.measure_update(2, preset="tiny", steps=1, lora_targets="llm-linear", objective=benchmark_objective())
     assert result["backend"] == "single" and result["world_size"] == 1 and result["skipped_steps"] == 0
     assert result["samples_per_s"] == pytest.approx(2 / result["seconds_per_step"])
+
+
+def test_the_update_part_reports_each_step_and_the_scaling_against_one_gpu():
+    result = bench.measure_update(2, preset="tiny", steps=3, lora_targets="llm-linear", label="cpu_single",
+                                  objective=benchmark_objective())
+    repeats = result["samples_per_s_repeats"]
+    assert result["label"] == "cpu_single" and len(repeats["values"]) == 3
+    assert repeats["min"] <= repeats["median"] <= repeats["max"]
+    # the mean step time and the per-step rates describe the same three steps
+    assert result["seconds_per_step"] == pytest.approx(sum(2 / rate for rate in repeats["values"]) / 3)
+
+    def update(label, world, rate, low, high):
+        return {"backend": label.split("_")[0], "label": label, "world_size": world, "model": "openvla-7b",
+                "lora_targets": "all-linear", "per_gpu_batch": 16, "samples_per_s": rate,
+                "samples_per_s_repeats": {"median": rate, "min": low, "max": high, "values": [low, rate, high]}}
+
+    updates = [update("single", 1, 20.0, 19.0, 21.0), update("fsdp_no_reshard", 2, 38.0, 37.0, 39.0),
+               update("deepspeed_zero3", 2, 30.0, 29.0, 31.0)]
+    assert bench.scaling(updates) == {
+        "scaling_fsdp_no_reshard_w2_b16": {"vs_one_gpu": pytest.approx(1.9), "vs_one_gpu_min": pytest.approx(37 / 21),
+                                           "vs_one_gpu_max": pytest.approx(39 / 19)},
+        "scaling_deepspeed_zero3_w2_b16": {"vs_one_gpu": pytest.approx(1.5), "vs_one_gpu_min": pytest.approx(29 / 21),
+                                           "vs_one_gpu_max": pytest.approx(31 / 19)}}

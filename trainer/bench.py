@@ -274,8 +274,10 @@ def _update_setup(batch: int, int8: bool, preset: str, lora_targets: str) -> tup
 
 
 def measure_update(batch: int, int8: bool = False, preset: str = "openvla-7b", steps: int = 3,
-                   lora_targets: str = "all-linear", *, objective) -> dict:
-    """Samples/s of the real update step (one optimizer step per call) under the launch's backend."""
+                   lora_targets: str = "all-linear", label: str | None = None, *, objective) -> dict:
+    """Samples/s of the real update step (one optimizer step per call) under the launch's backend: the mean over
+    `steps` steps after one warm-up, and each step's rate (`samples_per_s_repeats`: median and range). `label` names
+    the set-up in the report (e.g. the accelerate config), default the backend."""
     engine, samples = _update_setup(batch, int8, preset, lora_targets)
     dist = engine.dist
     learner = Learner(engine, epochs=1, mini_batches=1, micro_batch_size=batch, seed=0)
@@ -283,12 +285,27 @@ def measure_update(batch: int, int8: bool = False, preset: str = "openvla-7b", s
     skipped = []
     _reset_peak()
     engine.policy.train()
-    seconds = timed(lambda: skipped.extend(learner.update(samples, loss_fn, 0).skip_reasons), warmup=1, iters=steps)
-    result = {"backend": dist.backend + ("+int8" if int8 else ""), "world_size": dist.world_size,
+    each = []
+
+    def step():
+        _sync()
+        start = time.perf_counter()
+        skipped.extend(learner.update(samples, loss_fn, 0).skip_reasons)
+        _sync()
+        each.append(time.perf_counter() - start)
+
+    step()  # warm-up
+    each.clear()
+    for _ in range(steps):
+        step()
+    seconds = sum(each) / len(each)
+    backend = dist.backend + ("+int8" if int8 else "")
+    result = {"backend": backend, "label": label or backend, "world_size": dist.world_size,
               "model": preset, "lora_targets": lora_targets,
               "per_gpu_batch": batch, "seconds_per_step": seconds,
               "samples_per_s": batch * dist.world_size / seconds, "peak_gb_per_gpu": _peak_gb(),
-              "skipped_steps": len(skipped)}
+              "skipped_steps": len(skipped),
+              "samples_per_s_repeats": spread([batch * dist.world_size / s for s in each])}
     peaks = dist.gather_objects([_peak_gb()])
     result["peak_gb_per_gpu_all_ranks"] = peaks
     return result if dist.is_main else {}
@@ -716,7 +733,7 @@ def speed_ratios(report: dict) -> dict:
 
 def ratios(report: dict) -> dict:
     """Our figures over the ceiling's, at matching batch sizes."""
-    ceiling, out = report.get("ceiling"), {}
+    ceiling, out = report.get("ceiling"), scaling(report.get("update", []))
     if not ceiling:
         return out
     rollout = report.get("rollout", {}) if "decode7" in ceiling else {}
@@ -736,13 +753,31 @@ def ratios(report: dict) -> dict:
         if batch in ceiling.get("lora_train", {}) and update.get("model", "openvla-7b") == "openvla-7b":
             ceiling_rate = ceiling["lora_train"][batch]["samples_per_s"]
             targets = "" if update.get("lora_targets", "all-linear") == "all-linear" else f"_{update['lora_targets']}"
-            out[f"update_{update['backend']}_w{update['world_size']}_b{batch}{targets}"] = {
+            out[f"update_{update.get('label', update['backend'])}_w{update['world_size']}_b{batch}{targets}"] = {
                 "per_gpu_vs_lm_lora": update["samples_per_s"] / update["world_size"] / ceiling_rate}
     for phases in report.get("phases", []):
         batch = phases["per_gpu_batch"]
         if batch in ceiling.get("lora_train", {}) and phases["model"] == "openvla-7b":
             name = f"phases_{phases['lora_targets']}{'_int8' if phases['int8'] else ''}_b{batch}"
             out[name] = {"vs_lm_lora": phases["samples_per_s"] / ceiling["lora_train"][batch]["samples_per_s"]}
+    return out
+
+
+def scaling(updates: list[dict]) -> dict:
+    """Each multi-GPU update against the one-GPU update of the same model, LoRA targets and batch per GPU (the last
+    measured of each): `vs_one_gpu` (2.0 = perfect on 2 GPUs), with the range from the repeats' extremes."""
+    single = {(u.get("model"), u.get("lora_targets"), u["per_gpu_batch"]): u for u in updates
+              if u["world_size"] == 1 and u["backend"] == "single"}
+    out = {}
+    for update in updates:
+        one = single.get((update.get("model"), update.get("lora_targets"), update["per_gpu_batch"]))
+        if update["world_size"] == 1 or one is None:
+            continue
+        row = {"vs_one_gpu": update["samples_per_s"] / one["samples_per_s"]}
+        if "samples_per_s_repeats" in update and "samples_per_s_repeats" in one:
+            many, base = update["samples_per_s_repeats"], one["samples_per_s_repeats"]
+            row.update(vs_one_gpu_min=many["min"] / base["max"], vs_one_gpu_max=many["max"] / base["min"])
+        out[f"scaling_{update.get('label', update['backend'])}_w{update['world_size']}_b{update['per_gpu_batch']}"] = row
     return out
 
 
@@ -769,12 +804,15 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {preset} | {batch} | {v['actions_per_s']:.1f} | {v['peak_gb']:.1f} |")
         lines.append("")
     if "update" in report:
-        lines += ["| update (update_policy) | model | LoRA on | GPUs | batch/GPU | samples/s | s/step | peak GB/GPU |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [("| update (Learner.update) | model | LoRA on | GPUs | batch/GPU | samples/s | [min, max] of steps | "
+                   "s/step | peak GB/GPU |"), "|---|---|---|---|---|---|---|---|---|"]
         for v in report["update"]:
-            lines.append(f"| {v['backend']} | {v.get('model', 'openvla-7b')} | {v.get('lora_targets', 'all-linear')} | "
-                         f"{v['world_size']} | {v['per_gpu_batch']} | {v['samples_per_s']:.1f} | "
-                         f"{v['seconds_per_step']:.2f} | {max(v['peak_gb_per_gpu_all_ranks']):.1f} |")
+            span = v.get("samples_per_s_repeats")
+            span = f"[{span['min']:.1f}, {span['max']:.1f}]" if span else ""
+            lines.append(f"| {v.get('label', v['backend'])} | {v.get('model', 'openvla-7b')} | "
+                         f"{v.get('lora_targets', 'all-linear')} | {v['world_size']} | {v['per_gpu_batch']} | "
+                         f"{v['samples_per_s']:.1f} | {span} | {v['seconds_per_step']:.2f} | "
+                         f"{max(v['peak_gb_per_gpu_all_ranks']):.1f} |")
         lines.append("")
     for v in report.get("phases", []):
         lines += [f"update phases: {v['model']}, LoRA on {v['lora_targets']}{', int8' if v['int8'] else ''}, "
@@ -875,7 +913,7 @@ def main(args, objective, advantages=None) -> int:
         for model in args.models:
             for targets in args.lora_targets:
                 result = measure_update(args.update_batch, int8=args.int8, steps=args.steps, preset=model,
-                                        lora_targets=targets, objective=objective)
+                                        lora_targets=targets, label=args.label, objective=objective)
                 if result:
                     report.setdefault("update", []).append(result)
                 gc.collect()

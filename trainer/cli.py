@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--lora-targets", nargs="*", default=["all-linear"], choices=["all-linear", "llm-linear"],
                            help="LoRA targets for the update / phases parts (each one measured)")
     bench_cmd.add_argument("--trace-dir", help="phases part: also write a chrome trace of the profiled step here")
+    bench_cmd.add_argument("--label", help="update part: the set-up's name in the report (default: the backend), "
+                                           "e.g. the accelerate config")
     bench_cmd.add_argument("--repeats", type=int, default=3, help="levers / decode parts: repeats, reported as a range")
     bench_cmd.add_argument("--levers", nargs="*", default=["baseline", "pipeline", "workers_preprocess", "merge_lora",
                                                            "no_recompute", "all"],

@@ -96,21 +96,31 @@ def rank_slice(samples: Samples, split: list[int], rank: int) -> Samples:
     return out
 
 
-def count_all_gathers(fn) -> int:
-    """Number of all-gather collectives (c10d dispatcher ops: FSDP2's and DeepSpeed's alike) fn() issues on this rank."""
+COLLECTIVE_KINDS = ("allgather", "reduce_scatter", "allreduce")  # c10d dispatcher op names contain these
+
+
+def count_collectives(fn) -> dict[str, int]:
+    """Collective calls (c10d dispatcher ops: FSDP2's, DDP's and DeepSpeed's alike) fn() issues on this rank, by kind."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Counter(TorchDispatchMode):
-        calls = 0
+    counts = dict.fromkeys(COLLECTIVE_KINDS, 0)
 
+    class Counter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "allgather" in str(func):
-                Counter.calls += 1
+            name = str(func)
+            for kind in COLLECTIVE_KINDS:
+                if kind in name:
+                    counts[kind] += 1
             return func(*args, **(kwargs or {}))
 
     with Counter():
         fn()
-    return Counter.calls
+    return counts
+
+
+def count_all_gathers(fn) -> int:
+    """Number of all-gather collectives (c10d dispatcher ops: FSDP2's and DeepSpeed's alike) fn() issues on this rank."""
+    return count_collectives(fn)["allgather"]
 
 
 def max_abs_diff(a: dict, b: dict) -> float:

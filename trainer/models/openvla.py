@@ -52,12 +52,14 @@ def create_vit(model_id: str, overrides: dict) -> nn.Module:
     return vit
 
 
-def vit_patch_features(vit: nn.Module, images: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
-    """Output of the second-to-last block, prefix tokens (CLS, registers) dropped; the last block is never run."""
+def vit_patch_features(vit: nn.Module, images: torch.Tensor, checkpointing: bool = False,
+                       reentrant: bool = False) -> torch.Tensor:
+    """Output of the second-to-last block, prefix tokens (CLS, registers) dropped; the last block is never run.
+    `reentrant`: the reentrant form of the block checkpoints (see OpenVLA.gradient_checkpointing_enable)."""
     x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
     for block in vit.blocks[:-1]:
         if checkpointing and x.requires_grad:
-            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=reentrant)
         else:
             x = block(x)
     return x[:, vit.num_prefix_tokens:]
@@ -72,11 +74,13 @@ class FusedVisionBackbone(nn.Module):
         self.fused_featurizer = create_vit(siglip_id, {"img_size": config.image_size, **siglip_kwargs})
         self.embed_dim = self.featurizer.embed_dim + self.fused_featurizer.embed_dim
         self.gradient_checkpointing = False
+        self.reentrant_checkpointing = False
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 6, S, S] (DINOv2-normalised channels, then SigLIP-normalised) -> [N, patches, 2176]."""
-        dino = vit_patch_features(self.featurizer, pixel_values[:, :3], self.gradient_checkpointing)
-        siglip = vit_patch_features(self.fused_featurizer, pixel_values[:, 3:], self.gradient_checkpointing)
+        checkpointing, reentrant = self.gradient_checkpointing, self.reentrant_checkpointing
+        dino = vit_patch_features(self.featurizer, pixel_values[:, :3], checkpointing, reentrant)
+        siglip = vit_patch_features(self.fused_featurizer, pixel_values[:, 3:], checkpointing, reentrant)
         return torch.cat([dino, siglip], dim=2)
 
 
@@ -179,20 +183,25 @@ class OpenVLA(nn.Module):
             self.action_head = None
             self.num_action_slots = self.action_dim
         self.reentrant_checkpointing = False  # set by gradient_checkpointing_enable for an int8 language model
+        self.checkpointing_enabled = False  # gradient_checkpointing_enable / _disable
 
     # PEFT's "all-linear" leaves the output layer alone when the model names it.
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.lm_head
 
-    def gradient_checkpointing_enable(self) -> None:
+    def gradient_checkpointing_enable(self, reentrant: bool = False) -> None:
         """Recompute every decoder layer and tower block in the backward instead of keeping its activations.
 
         Call it after `quantize_int8`. An int8 language model gets the reentrant form: bitsandbytes' MatMul8bitLt
         keeps an fp16 copy of its input as an attribute of its autograd context (not through save_for_backward),
         which the non-reentrant checkpoint cannot release, so every layer's inputs would stay alive for the whole
         forward (measured: docs/benchmarks.md). The reentrant form runs the forward under no_grad: no context at all.
-        """
-        self.reentrant_checkpointing = any(type(m).__name__ == "Linear8bitLt" for m in self.language_model.modules())
+        `reentrant=True` asks for that form anyway (DeepSpeed ZeRO-3 prefetches parameters only with it, see
+        trainer/engine.py)."""
+        int8 = any(type(m).__name__ == "Linear8bitLt" for m in self.language_model.modules())
+        self.reentrant_checkpointing = reentrant or int8
+        self.checkpointing_enabled = True
+        self.vision_backbone.reentrant_checkpointing = self.reentrant_checkpointing
         kwargs = {"use_reentrant": self.reentrant_checkpointing}
         if hasattr(self.language_model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
             self.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -207,7 +216,9 @@ class OpenVLA(nn.Module):
         else:
             self.language_model.gradient_checkpointing_disable()
         self.vision_backbone.gradient_checkpointing = False
+        self.vision_backbone.reentrant_checkpointing = False
         self.reentrant_checkpointing = False
+        self.checkpointing_enabled = False
 
     def _language_model_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
         """The reentrant checkpoint only back-propagates into a layer whose input needs a gradient: with LoRA on the

@@ -1,0 +1,55 @@
+"""The collectives of one training update on the tiny policy (LoRA on every linear layer, gradient recompute on, as
+the 7B benchmark runs it), through the backend's engine as training sets it up. Launched by tests/test_update_comms.py
+under torchrun (2 processes, gloo; the backend from TRAINER_ACCELERATE_CONFIG) or as one plain process.
+
+    python tests/dist_scripts/update_collectives.py --out DIR [--micro-batch 2]
+
+Every rank writes DIR/rank<r>.json: the collectives of the second update (the first warms up: DeepSpeed traces the
+module order in it) by kind, the number of micro-batches, the loss, and the ZeRO-3 leaf modules; rank 0 writes
+DIR/after.safetensors, the trainable weights after both updates (gathered), for comparisons between set-ups.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common import count_collectives, fixed_samples, rank_slice, run_update, tiny_config, tiny_engine, write_json
+from safetensors.torch import save_file
+
+from trainer.dist import Dist
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--no-recompute", action="store_true", help="gradient checkpointing off")
+    args = parser.parse_args()
+    out = Path(args.out)
+    config = tiny_config(algo__micro_batch_size=args.micro_batch, model__gradient_checkpointing=not args.no_recompute,
+                         lora__include_lm_head=False)
+    dist = Dist.create(config.dist)
+    engine, _ = tiny_engine(config, dist)
+    everything = fixed_samples(engine.policy)
+    per_rank = len(everything.inputs) // dist.world_size
+    samples = rank_slice(everything, [per_rank] * dist.world_size, dist.rank)
+    engine.policy.train()
+    first = run_update(config, engine, samples, iteration=0)
+    result = {}
+    counts = count_collectives(lambda: result.update(update=run_update(config, engine, samples, iteration=1)))
+    leaves = [type(m).__name__ for m in engine.policy.modules() if getattr(m, "_z3_leaf", False)]
+    report = {"rank": dist.rank, "world_size": dist.world_size, "backend": dist.backend, "collectives": counts,
+              "micro_batches": -(-per_rank // args.micro_batch),
+              "metrics": [first.metrics, result["update"].metrics],
+              "z3_leaf_modules": sorted(set(leaves)), "z3_leaf_module_count": len(leaves)}
+    state = engine.trainable_state()
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(out / "after.safetensors"))
+    write_json(out / f"rank{dist.rank}.json", report)
+    dist.close()
+
+
+if __name__ == "__main__":
+    main()
