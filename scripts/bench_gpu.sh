@@ -22,6 +22,7 @@
 #   bash scripts/bench_gpu.sh libero_costs  # per-step costs (build, reset, physics, EGL and OSMesa rendering) and
 #                                           # pools of 8/16/24 workers on 16 cores; EGL per rank shown on 2 GPUs,
 #                                           # EGL vs OSMesa frames (writes libero_costs.json, egl_demo.json)
+#   bash scripts/bench_gpu.sh egl_demo      # the EGL part of libero_costs alone (each rank's workers on its GPU, frames)
 #   bash scripts/bench_gpu.sh libero_e2e    # 2-GPU host: OFT on GPU 0 and OpenVLA (7 tokens) on GPU 1 at the same
 #                                           # time, each pinned to 16 of the 32 cores (= one 1-GPU host each)
 #   bash scripts/bench_gpu.sh libero_e2e2   # OFT with FSDP2 on 2 GPUs, twice the groups (the same load per GPU)
@@ -92,6 +93,10 @@ for r in rows:
           f"+ update and the rest {g('time/iteration_seconds') - g('time/rollout_seconds'):.1f} s; env errors "
           f"{g('rollout/env_errors'):.0f}; peak {g('memory/peak_gb_per_gpu'):.1f} GB")
 PYEOF
+}
+egl_demo() {  # each rank's workers on its own GPU, EGL frames against OSMesa frames of the same states
+  TAIL=30 run timeout ${DEMO_TIMEOUT:-210} $PY scripts/egl_demo.py --out "$OUT/egl_demo.json" \
+    --reference .libero_kit/osmesa_reference_${LIBERO_SUITE}.npz
 }
 pinned() {  # run "$@" on the given CPU cores when taskset exists (its children, the env workers, inherit it)
   local cores=$1; shift
@@ -199,8 +204,11 @@ case "$stage" in
     TAIL=60 run pinned 0-15 timeout ${COSTS_TIMEOUT:-330} $PY scripts/measure_libero_costs.py --suite $LIBERO_SUITE \
       --backends egl,osmesa --pool-workers ${POOL_SIZES:-8,16,24} --repeats ${COSTS_REPEATS:-20} \
       --json "$OUT/libero_costs.json"
-    TAIL=30 run timeout ${DEMO_TIMEOUT:-210} $PY scripts/egl_demo.py --out "$OUT/egl_demo.json" \
-      --reference .libero_kit/osmesa_reference_${LIBERO_SUITE}.npz
+    egl_demo
+    ;;
+  egl_demo)
+    libero_setup || continue
+    egl_demo
     ;;
   libero_e2e)
     libero_setup || continue
