@@ -8,6 +8,7 @@ forwarded the same way but not requeued by the script.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -45,19 +46,22 @@ def test_the_batch_script_forwards_the_stop_waits_for_the_save_then_requeues_on_
         (fake_bin / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "EVENTS": str(events), "SLURM_NNODES": "2",
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(ROOT)}
-    proc = subprocess.Popen(["bash", str(SCRIPT), "--config", "configs/x.yaml"], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "batch.log"
+    with open(log, "w") as out:  # a file, not a pipe: a fake srun left behind must not hold the test's reads open
+        proc = subprocess.Popen(["bash", str(SCRIPT), "--config", "configs/x.yaml"], env=env, cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while not Path(f"{events}.started").exists():
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline
             time.sleep(0.05)
         proc.send_signal(sig)  # what SLURM sends to the batch shell (B:USR1 before the limit; TERM on preemption)
-        output, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        with contextlib.suppress(ProcessLookupError):  # the batch shell and whatever it started (the fake srun)
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = log.read_text()
     assert proc.returncode == 0, output
     lines = events.read_text().splitlines()
     assert lines[0].startswith("srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c") and lines[0].endswith(
