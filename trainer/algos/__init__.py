@@ -9,6 +9,9 @@ from trainer.algos.advantages import (
     dynamic_sampling_mask,
     gae,
     grpo_advantages,
+    mean_std_from_sums,
+    moment_sums,
+    normalize_advantages,
 )
 from trainer.algos.losses import (
     LOSS_TYPES,
@@ -39,6 +42,9 @@ __all__ = [
     "grpo_advantages",
     "kl_to_reference",
     "masked_mean",
+    "mean_std_from_sums",
+    "moment_sums",
+    "normalize_advantages",
     "phase_at",
     "ppo_clip_loss",
     "value_loss",

@@ -213,3 +213,56 @@ def gae(
         advantages[:, t] = lastgaelam
     returns = torch.where(valid, advantages + values, torch.zeros_like(values))
     return advantages, returns
+
+
+@torch.no_grad()
+def moment_sums(values: torch.Tensor) -> dict[str, float]:
+    """The local sums that a global mean and std are made of: {"count", "sum", "sum_sq"}.
+
+    Sum these over ranks (e.g. `Dist.sum_metrics`) and pass the result to `mean_std_from_sums`: every rank then
+    normalises with the same statistics, those of the whole global batch, whatever the world size.
+
+    Args:
+        values: any shape; every element counts once.
+
+    Returns:
+        {"count": number of elements, "sum": sum, "sum_sq": sum of squares}, as Python floats (in float64).
+    """
+    flat = values.detach().double().reshape(-1)
+    return {"count": float(flat.numel()), "sum": float(flat.sum()), "sum_sq": float((flat * flat).sum())}
+
+
+def mean_std_from_sums(count: float, sum: float, sum_sq: float) -> tuple[float, float]:  # noqa: A002 -- as summed
+    """Mean and population std (divide by n) from `moment_sums` summed over ranks; (0, 0) for no elements.
+
+    E[x^2] - E[x]^2 in float64: for advantages (values of order 1, at most millions of them) the cancellation loses
+    nothing that matters, and it needs one all-reduce instead of two passes.
+    """
+    if count <= 0:
+        return 0.0, 0.0
+    mean = sum / count
+    variance = max(sum_sq / count - mean * mean, 0.0)
+    return mean, variance**0.5
+
+
+@torch.no_grad()
+def normalize_advantages(advantages: torch.Tensor, mean: float, std: float, eps: float = 1e-8) -> torch.Tensor:
+    """(advantages - mean) / (std + eps): PPO's advantage normalisation ("whitening").
+
+    CleanRL (`norm_adv`), TRL's PPO, veRL and RL4VLA all do it. Why it matters here: with a sparse success reward
+    and a critic that starts near 0, raw GAE advantages are ~0 for every failed episode and positive for the
+    successes, so the policy gets no push away from what failed; centring gives failures a negative advantage, and
+    scaling makes the step size independent of the reward scale and of how good the critic is.
+
+    Pass the mean and std of the GLOBAL batch (all ranks; see `moment_sums`), not of a rank's or a micro-batch's
+    share: then a run on 2 ranks normalises exactly as the same global batch on 1 rank does.
+
+    Args:
+        advantages: any shape, float.
+        mean, std: statistics of the global batch (`mean_std_from_sums`).
+        eps: added to the std (a batch of equal advantages gives zeros instead of 0/0).
+
+    Returns:
+        a new tensor of the same shape and dtype.
+    """
+    return (advantages.detach() - mean) / (std + eps)
