@@ -128,7 +128,8 @@ def collect_episodes(
             episode = episodes[index]
             episode.seed = derive_seed(run_seed, rank, worker, episode_offset + index)
             running[worker] = index
-            requests[worker] = ResetRequest(episode.item.task_id, episode.item.init_state_id, episode.seed)
+            requests[worker] = ResetRequest(episode.item.task_id, episode.item.init_state_id, episode.seed,
+                                            record_frames=index in record_video_items)
         if not requests:
             return
         tick = time.perf_counter()
@@ -187,8 +188,8 @@ def collect_episodes(
                 episode.values.append(float(result.values[i]) if result.values is not None else 0.0)
                 episode.rewards.append(float(step.reward))
                 episode.greedy.append(bool(greedy[i]))
-            if running[worker] in record_video_items:
-                episode.frames.append(step.observation.primary_image)
+            if running[worker] in record_video_items:  # every action's frame, not only the chunk's last
+                episode.frames.extend(step.frames if step.frames is not None else [step.observation.primary_image])
             if step.done:
                 episode.success = bool(step.success)
                 finish(worker)
