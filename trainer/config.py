@@ -111,6 +111,10 @@ class AlgoConfig:
     """Policy steps per forward/backward."""
     gamma: float = 0.99
     lam: float = 0.95
+    normalize_advantages: bool = True
+    """PPO: whiten the GAE advantages, (A - mean) / std, with the mean and std of the whole global batch (all ranks),
+    as CleanRL, TRL, veRL and RL4VLA do. With a sparse success reward and a critic that starts near 0, raw advantages
+    are ~0 for every failed episode; centring gives failures a negative advantage. GRPO's are already normalised."""
     value_coef: float = 0.5
     value_clip: float | None = 0.2
     bc_warmup_iterations: int = 0

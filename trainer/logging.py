@@ -22,8 +22,22 @@ CONSOLE_COLUMNS = [
     ("guard/skipped_steps_total", "skips", 5), ("rollout/env_errors", "env_err", 7),
     ("time/iteration_seconds", "sec", 6),
 ]
-CRITIC_COLUMNS = [("train/value_loss", "value_loss", 10), ("train/explained_variance", "expl_var", 8)]
+# The rollout critic's quality (algos.critic_diagnostics): its value loss and explained variance on the batch whose
+# advantages it made.
+CRITIC_COLUMNS = [("critic/value_loss", "value_loss", 10), ("critic/explained_variance", "expl_var", 8)]
 HEADER_EVERY = 25  # rows between repeated headers, so that a long log stays readable without scrolling back
+USELESS_CRITIC_ITERATIONS = 5  # explained variance <= 0 this many iterations in a row: say so once
+
+
+def useless_critic_note(explained_variances: list) -> str | None:
+    """A note when the last USELESS_CRITIC_ITERATIONS explained variances are all <= 0 (NaN, a batch whose returns did
+    not vary, says nothing either way and breaks the run of iterations), else None."""
+    recent = explained_variances[-USELESS_CRITIC_ITERATIONS:]
+    if len(recent) < USELESS_CRITIC_ITERATIONS or not all(isinstance(v, (int, float)) and v <= 0 for v in recent):
+        return None
+    return (f"critic: explained variance <= 0 for {USELESS_CRITIC_ITERATIONS} iterations in a row: the value head "
+            "predicts the returns no better than their mean, so the GAE advantages are returns minus noise. Raise "
+            "optim.value_lr, warm the critic up, or use algo.name grpo.")
 
 
 class ConsoleTable:
@@ -61,6 +75,8 @@ class RunLogger:
         self._wandb = None
         self._console = None
         self.table = ConsoleTable(CONSOLE_COLUMNS + (CRITIC_COLUMNS if config.algo.name == "ppo" else []))
+        self._explained_variances: list = []
+        self._critic_note_printed = False
         if not self.active:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +136,12 @@ class RunLogger:
     def _console_row(self, record: dict) -> None:
         for line in self.table.lines_for(record):
             self.print(line)
+        if "critic/explained_variance" in record:
+            self._explained_variances.append(record["critic/explained_variance"])
+            note = useless_critic_note(self._explained_variances)
+            if note and not self._critic_note_printed:
+                self.print(note)
+                self._critic_note_printed = True
 
     def _start_wandb(self) -> None:
         try:
@@ -183,7 +205,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 def write_plots(metrics_path: Path, plot_dir: Path) -> list[Path]:
     """success.png (rollout and eval success per iteration; returned first) and loss.png (the update's diagnostics:
-    loss, approx KL, clip fraction, entropy, grad norm, and for PPO the value loss and explained variance)."""
+    loss, approx KL, clip fraction, entropy, grad norm, and for PPO the rollout critic's value loss and explained
+    variance)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,7 +218,7 @@ def write_plots(metrics_path: Path, plot_dir: Path) -> list[Path]:
     panels = {
         "success.png": ["rollout/success_rate", "eval/greedy_success_rate", "eval/sampled_success_rate"],
         "loss.png": ["train/loss", "train/approx_kl", "train/clip_frac", "train/entropy", "train/grad_norm"]
-        + [key for key in ("train/value_loss", "train/explained_variance")
+        + [key for key in ("critic/value_loss", "critic/explained_variance")
            if any(isinstance(r.get(key), (int, float)) for r in records)],
     }
     for name, keys in panels.items():

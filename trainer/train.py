@@ -266,6 +266,15 @@ def episode_advantages(config: RunConfig, episodes: list[Episode], dist: Dist, b
             dones[0, -1] = 1.0  # success and the step limit both end the task: no bootstrap beyond the last step
             advantages, returns = algos.gae(rewards, values, dones, config.algo.gamma, config.algo.lam)
             samples.add_episode(episode, advantages[0].tolist(), returns[0].tolist())
+        # Statistics of the GLOBAL batch (one all-reduce): advantage normalisation and the rollout critic's quality.
+        advantages, returns = torch.tensor(samples.advantages), torch.tensor(samples.returns)
+        sums = dist.sum_metrics({**algos.moment_sums(advantages, "advantage/"), **algos.moment_sums(returns, "return/"),
+                                 **algos.moment_sums(returns - torch.tensor(samples.old_values), "residual/")})
+        if config.algo.normalize_advantages:
+            mean, std = algos.mean_std_from_sums(sums, "advantage/")
+            samples.advantages = algos.normalize_advantages(advantages, mean, std).tolist()
+        metrics.update(algos.critic_diagnostics(algos.mean_std_from_sums(sums, "return/"),
+                                                algos.mean_std_from_sums(sums, "residual/")))
         return samples, metrics
     # GRPO: group statistics over ALL ranks, keyed by group id.
     local = [(e.group_id, e.reward) for e in valid]

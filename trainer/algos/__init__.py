@@ -6,6 +6,7 @@ Nothing here calls torch.distributed: callers pass inputs already gathered acros
 from trainer.algos.advantages import (
     GRPO_SCALES,
     absolute_advantages,
+    critic_diagnostics,
     dynamic_sampling_mask,
     gae,
     grpo_advantages,
@@ -35,6 +36,7 @@ __all__ = [
     "PhaseSchedule",
     "absolute_advantages",
     "behaviour_cloning_loss",
+    "critic_diagnostics",
     "dynamic_sampling_mask",
     "entropy_bonus",
     "explained_variance",
