@@ -104,9 +104,11 @@ def test_summary_is_one_before_after_line_and_the_plot_path(tmp_path):
             {**EVAL_ROW, "iteration": 20, "eval/greedy_success_rate": 0.9375, "eval/sampled_success_rate": 0.8646}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = summarize(path, tmp_path / "plots" / "success.png").splitlines()
-    assert summary == ["greedy success 0.188 -> 0.938, sampled 0.094 -> 0.865 (iteration 0 -> 20)",
+    assert summary == ["greedy success 0.188 -> 0.938, sampled 0.094 -> 0.865 (iteration 0 -> 20, 16 s of training)",
                        f"curve: {tmp_path / 'plots' / 'success.png'}"]
     assert summarize(path).count("\n") == 0  # without plots: the line alone
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if not k.startswith("time/")}) + "\n" for r in rows))
+    assert summarize(path).endswith("(iteration 0 -> 20)")  # no timings recorded: none shown
 
 
 def test_finish_writes_the_plots_and_prints_their_path(tmp_path, capsys):
@@ -116,5 +118,5 @@ def test_finish_writes_the_plots_and_prints_their_path(tmp_path, capsys):
     logger.finish()
     out = capsys.readouterr().out
     assert (tmp_path / "plots" / "success.png").is_file() and (tmp_path / "plots" / "loss.png").is_file()
-    assert "greedy success 0.188 -> 0.219, sampled 0.094 -> 0.188 (iteration 0 -> 10)" in out
+    assert "greedy success 0.188 -> 0.219, sampled 0.094 -> 0.188 (iteration 0 -> 10, 11 s of training)" in out
     assert f"curve: {tmp_path / 'plots' / 'success.png'}" in out

@@ -180,8 +180,10 @@ class RunLogger:
 def summarize(metrics_path: Path, plot_path: Path | None = None) -> str:
     """The run in one line, from the first and last evaluation in metrics.jsonl, plus where the curve is:
 
-        greedy success 0.188 -> 0.927, sampled 0.094 -> 0.865 (iteration 0 -> 60)
+        greedy success 0.188 -> 0.927, sampled 0.094 -> 0.865 (iteration 0 -> 60, 212 s of training)
         curve: runs/tiny_toy_cpu/plots/success.png
+
+    The seconds are the iterations' own (rollout, update and evaluation), without start-up and the first evaluation.
     """
     records = read_metrics(metrics_path)
     parts, span = [], None
@@ -190,9 +192,11 @@ def summarize(metrics_path: Path, plot_path: Path | None = None) -> str:
         if len(points) >= 2:
             (first_it, first), (last_it, last) = points[0], points[-1]
             parts.append(f"{name} {first:.3f} -> {last:.3f}")
-            span = span or f"(iteration {first_it} -> {last_it})"
+            span = span or f"(iteration {first_it} -> {last_it}"
     if not parts:
         return ""
+    seconds = sum(r["time/iteration_seconds"] for r in records if isinstance(r.get("time/iteration_seconds"), (int, float)))
+    span += f", {seconds:.0f} s of training)" if seconds else ")"
     lines = [", ".join(parts) + f" {span}"]
     if plot_path is not None:
         lines.append(f"curve: {plot_path}")

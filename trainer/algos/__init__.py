@@ -24,7 +24,7 @@ from trainer.algos.losses import (
     ppo_clip_loss,
     value_loss,
 )
-from trainer.algos.phases import BC_WARMUP, HANDOVER, RL, Phase, PhaseSchedule, phase_at
+from trainer.algos.phases import BC_WARMUP, HANDOVER, RL, Phase, PhaseSchedule, phase_at, rl_token_mask
 
 __all__ = [
     "BC_WARMUP",
@@ -49,5 +49,6 @@ __all__ = [
     "normalize_advantages",
     "phase_at",
     "ppo_clip_loss",
+    "rl_token_mask",
     "value_loss",
 ]
