@@ -315,3 +315,17 @@ def test_behaviour_cloning_cross_entropy_by_hand():
     # d CE / d logits = softmax - onehot, / 2 tokens
     expected_grad = torch.tensor([[[0.25, -0.25], [-0.75, 0.75], [0.0, 0.0]]]) / 2
     torch.testing.assert_close(logits.grad, expected_grad)
+
+
+def test_the_reported_value_loss_is_the_optimised_clipped_one_as_a_local_mean():
+    """values 1.5, rollout values 1.0, return 2.0, clip 0.2: the clipped prediction 1.2 has the larger error (0.64 vs
+    0.25), so the optimised loss is 0.5 * 0.64 = 0.32, not the plain 0.5 * MSE = 0.125. With a global denominator the
+    loss is this call's share (0.32 / 4), the diagnostic stays the local mean."""
+    values = torch.tensor([1.5], requires_grad=True)
+    loss, diagnostics = value_loss(values, torch.tensor([1.0]), torch.tensor([2.0]), clip_range=0.2)
+    torch.testing.assert_close(loss, scalar(0.32))
+    torch.testing.assert_close(diagnostics["value_loss"], scalar(0.32))
+    shared, diagnostics = value_loss(values, torch.tensor([1.0]), torch.tensor([2.0]), clip_range=0.2,
+                                     num_values_global=4)
+    torch.testing.assert_close(shared, scalar(0.08))
+    torch.testing.assert_close(diagnostics["value_loss"], scalar(0.32))

@@ -9,9 +9,9 @@ from trainer.algos import BC_WARMUP, HANDOVER, RL, Phase, PhaseSchedule, phase_a
 
 
 def test_warmup_handover_rl_boundaries():
-    schedule = PhaseSchedule(bc_warmup_iterations=3, handover_iterations=4, epsilon_start=1.0)
+    schedule = PhaseSchedule(bc_warmup_iterations=3, handover_iterations=4, handover_greedy_start=1.0)
     # warm-up: iterations 0, 1, 2, all greedy
-    # hand-over: iterations 3..6, epsilon = 1 - k/4 for k = 0..3 -> 1, .75, .5, .25
+    # hand-over: iterations 3..6, greedy probability = 1 - k/4 for k = 0..3 -> 1, .75, .5, .25
     # RL from iteration 7 on
     expected = [
         Phase(BC_WARMUP, 1.0),
@@ -28,8 +28,8 @@ def test_warmup_handover_rl_boundaries():
     assert phase_at(10_000, schedule) == Phase(RL, 0.0)
 
 
-def test_epsilon_start_scales_the_handover():
-    schedule = PhaseSchedule(bc_warmup_iterations=0, handover_iterations=2, epsilon_start=0.5)
+def test_handover_greedy_start_scales_the_handover():
+    schedule = PhaseSchedule(bc_warmup_iterations=0, handover_iterations=2, handover_greedy_start=0.5)
     assert phase_at(0, schedule) == Phase(HANDOVER, 0.5)
     assert phase_at(1, schedule) == Phase(HANDOVER, 0.25)
     assert phase_at(2, schedule) == Phase(RL, 0.0)
@@ -41,10 +41,10 @@ def test_warmup_straight_to_rl_and_default_is_all_rl():
     assert phase_at(0, PhaseSchedule()) == Phase(RL, 0.0)
 
 
-def test_epsilon_is_monotone_non_increasing():
-    schedule = PhaseSchedule(bc_warmup_iterations=5, handover_iterations=7, epsilon_start=0.9)
-    epsilons = [phase_at(i, schedule).epsilon for i in range(20)]
-    assert all(a >= b for a, b in itertools.pairwise(epsilons))
+def test_greedy_probability_is_monotone_non_increasing():
+    schedule = PhaseSchedule(bc_warmup_iterations=5, handover_iterations=7, handover_greedy_start=0.9)
+    probabilities = [phase_at(i, schedule).greedy_probability for i in range(20)]
+    assert all(a >= b for a, b in itertools.pairwise(probabilities))
 
 
 def test_schedule_is_frozen_and_validated():
@@ -55,8 +55,8 @@ def test_schedule_is_frozen_and_validated():
         PhaseSchedule(bc_warmup_iterations=-1)
     with pytest.raises(ValueError, match="handover_iterations"):
         PhaseSchedule(handover_iterations=2.5)
-    with pytest.raises(ValueError, match="epsilon_start"):
-        PhaseSchedule(epsilon_start=1.5)
+    with pytest.raises(ValueError, match="handover_greedy_start"):
+        PhaseSchedule(handover_greedy_start=1.5)
     with pytest.raises(ValueError, match="iteration"):
         phase_at(-1, schedule)
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from trainer import bench
+from trainer.cli import benchmark_objective
 
 
 def test_update_phases_add_up_to_the_step_and_follow_the_lora_targets():
-    all_linear = bench.measure_update_phases(4, preset="tiny", steps=1, lora_targets="all-linear")
+    all_linear = bench.measure_update_phases(4, preset="tiny", steps=1, lora_targets="all-linear",
+                                             objective=benchmark_objective())
     phases = all_linear["phases_seconds"]
     assert list(phases) == ["towers_forward", "projector_forward", "language_model_forward",
                             "language_model_backward (with recompute)", "projector_backward (with recompute)",
@@ -24,7 +26,8 @@ def test_update_phases_add_up_to_the_step_and_follow_the_lora_targets():
     assert "aten::mm" in all_linear["top_cpu_ops"]  # the profiled step is the update (its matmuls), on the CPU here
 
     # LoRA on the language model only: nothing before it needs a gradient, so its backward is the whole backward
-    llm_only = bench.measure_update_phases(4, preset="tiny", steps=1, lora_targets="llm-linear")
+    llm_only = bench.measure_update_phases(4, preset="tiny", steps=1, lora_targets="llm-linear",
+                                           objective=benchmark_objective())
     assert list(llm_only["phases_seconds"]) == ["towers_forward", "projector_forward", "language_model_forward",
                                                 "language_model_backward (with recompute)", "optimizer_step"]
 
@@ -76,3 +79,11 @@ def test_ratios_are_taken_against_the_ceiling_of_the_same_report():
     # a report with only the LoRA ceiling (the profile stage) has no rollout ratios and does not fail
     assert bench.ratios({"ceiling": {"lora_train": {16: {"samples_per_s": 32.0}}},
                          "rollout": report["rollout"]}) == {}
+
+
+def test_the_update_part_runs_the_training_update_set_up_as_training_does():
+    """measure_update builds with build.py, sets up with engine.setup_engine and runs Learner.update with the
+    recipe's objective: one optimizer step per call, none skipped, on the launch's (here: single) backend."""
+    result = bench.measure_update(2, preset="tiny", steps=1, lora_targets="llm-linear", objective=benchmark_objective())
+    assert result["backend"] == "single" and result["world_size"] == 1 and result["skipped_steps"] == 0
+    assert result["samples_per_s"] == pytest.approx(2 / result["seconds_per_step"])

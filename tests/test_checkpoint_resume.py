@@ -1,4 +1,5 @@
-"""Resume is exact, a SIGTERM mid-iteration leaves a loadable checkpoint, checkpoint writes are atomic.
+"""Resume is exact, a SIGTERM mid-iteration leaves a loadable checkpoint, checkpoint writes are atomic, checkpoints of
+earlier versions (optimizer.pt) still resume.
 
 `export` (merging a checkpoint's LoRA) is tested in test_cli.py.
 
@@ -19,10 +20,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.checkpoint import CHECKPOINTS, LATEST, latest_checkpoint, load_checkpoint, save_checkpoint
-from trainer.config import load_config
+from trainer.checkpoint import (
+    CHECKPOINTS,
+    LATEST,
+    OLD_OPTIMIZER,
+    OPTIMIZER_TENSORS,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
+from trainer.config import dump
 from trainer.dist import Dist
 from trainer.logging import read_metrics
+from trainer.train import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_toy_cpu.yaml")
@@ -58,6 +69,18 @@ def _final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     if (checkpoint / "trainable.safetensors").is_file():
         tensors.update({f"trainable/{k}": v for k, v in load_file(str(checkpoint / "trainable.safetensors")).items()})
     return tensors
+
+
+def _engine(config):
+    """Policy, optimizer and engine built as train() builds them (one process)."""
+    from trainer.build import build_optimizer
+    from trainer.engine import setup_engine
+    from trainer.train import build_run_policy
+
+    dist = Dist.create(config.dist)
+    policy = build_run_policy(config, dist)
+    optimizer, scheduler = build_optimizer(config.optim, policy, config.train.iterations, config.quant.optimizer_8bit)
+    return setup_engine(dist, policy, optimizer, config.optim), scheduler
 
 
 # --- 1. resume exactness ---------------------------------------------------------------------------------------------
@@ -98,7 +121,7 @@ def test_two_plus_two_iterations_after_resume_equal_four_uninterrupted(tmp_path,
     # LoRA dropout draws from torch's global RNG during the update: the resumed run matches only if the checkpoint
     # restored that stream too (every other stream is derived from the run seed). A cosine schedule with warm-up
     # makes the learning rate depend on the restored scheduler state.
-    common = ["--algo.name", algo, "--train.deterministic", "true", "--algo.dynamic_sampling", "false",
+    common = ["--algo.name", algo, "--train.deterministic", "true", "--algo.grpo.dynamic_sampling", "false",
               "--train.eval_every", "2", "--train.checkpoint_every", "2", "--lora.dropout", "0.1", "--optim.scheduler", "cosine",
               "--optim.warmup_iterations", "1", "--train.iterations", "4"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -128,13 +151,13 @@ def test_two_plus_two_iterations_after_resume_equal_four_uninterrupted(tmp_path,
     first = load_file(str(straight / CHECKPOINTS / "iter-000002" / "adapter_model.safetensors"))
     assert any(not torch.equal(first[k], a[f"adapter/{k}"]) for k in first), "no optimizer step in iterations 3-4"
 
-    # Optimizer moments (AdamW exp_avg / exp_avg_sq / step) agree as well.
-    opt_a = torch.load(latest_checkpoint(straight) / "optimizer.pt", weights_only=True)
-    opt_b = torch.load(latest_checkpoint(resumed) / "optimizer.pt", weights_only=True)
-    assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["state"]
-    for index, slots in opt_a["state"].items():
-        for name, value in slots.items():
-            assert torch.equal(value, opt_b["state"][index][name]), (index, name)
+    # Optimizer moments (AdamW exp_avg / exp_avg_sq / step, keyed "<parameter>/<slot>") agree as well.
+    opt_a = load_file(str(latest_checkpoint(straight) / OPTIMIZER_TENSORS))
+    opt_b = load_file(str(latest_checkpoint(resumed) / OPTIMIZER_TENSORS))
+    assert opt_a.keys() == opt_b.keys() and opt_a
+    assert {key.rpartition("/")[2] for key in opt_a} == {"exp_avg", "exp_avg_sq", "step"}
+    for key, value in opt_a.items():
+        assert torch.equal(value, opt_b[key]), key
 
     records_a, records_b = read_metrics(straight / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
     # One line per iteration, in order: none duplicated by the resume (the crash's orphan line 3 was dropped).
@@ -202,11 +225,11 @@ def test_sigterm_mid_iteration_saves_a_loadable_checkpoint_and_resume_continues(
     # It loads into a freshly built policy: every adapter tensor is the saved one.
     from peft import get_peft_model_state_dict
 
-    from trainer.train import build_policy
+    from trainer.train import build_run_policy
 
     config = load_config(["--config", str(run / "config.yaml")])
-    policy = build_policy(config, Dist.create())
-    state = load_checkpoint(checkpoint, policy)
+    policy = build_run_policy(config, Dist.create())
+    state = load_weights(checkpoint, policy)
     assert state["iteration"] == done
     saved = load_file(str(checkpoint / "adapter_model.safetensors"))
     loaded = get_peft_model_state_dict(policy.vla)
@@ -246,11 +269,11 @@ def test_stop_in_the_first_rollout_or_mid_evaluation_logs_nothing_partial_and_re
 
     calls = []
 
-    def evaluation_stopped_on_iteration_2(config, policy, model, pool, dist, counts, iteration, stop=None):
+    def evaluation_stopped_on_iteration_2(config, engine, pool, counts, iteration, stop=None):
         calls.append(iteration)
         if iteration == 2:
             signals.raise_signal(signals.SIGTERM)
-        return evaluate_policy(config, policy, model, pool, dist, counts, iteration, stop)
+        return evaluate_policy(config, engine, pool, counts, iteration, stop)
 
     with monkeypatch.context() as patch:
         patch.setattr(trainer.train, "evaluate_policy", evaluation_stopped_on_iteration_2)
@@ -270,26 +293,23 @@ def test_a_crash_mid_save_never_moves_latest_and_the_leftover_is_replaced(tmp_pa
     """A save that dies half-way leaves only `.iter-XXXXXX.incomplete`; `latest` keeps naming the last complete
     checkpoint, which still loads; the next save of that iteration replaces the leftover."""
     import trainer.checkpoint
-    from trainer.train import build_optimizer, build_policy
 
     config = _config(tmp_path, "--algo.name", "ppo")
-    dist = Dist.create()
-    policy = build_policy(config, dist)
-    optimizer, scheduler = build_optimizer(config, policy)
+    engine, scheduler = _engine(config)
     state = {"iteration": 3, "skipped_steps": 0, "skip_reasons": {}, "env_errors": 0, "best_eval_success": -1.0}
-    save_checkpoint(tmp_path, policy, optimizer, scheduler, state, dist, config)
+    save_checkpoint(tmp_path, engine, scheduler, state, dump(config))
     root = tmp_path / CHECKPOINTS
     assert (root / LATEST).read_text().strip() == "iter-000003"
 
     real_save = torch.save
 
-    def dying_save(obj, path, *args, **kwargs):  # the weights are written, then the process "dies"
+    def dying_save(obj, path, *args, **kwargs):  # weights and optimizer are written, then the process "dies"
         real_save(obj, path, *args, **kwargs)
-        raise KeyboardInterrupt("simulated crash while writing the optimizer state")
+        raise KeyboardInterrupt("simulated crash while writing the scheduler state")
 
     monkeypatch.setattr(trainer.checkpoint.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, policy, optimizer, scheduler, {**state, "iteration": 4}, dist, config)
+        save_checkpoint(tmp_path, engine, scheduler, {**state, "iteration": 4}, dump(config))
     monkeypatch.setattr(trainer.checkpoint.torch, "save", real_save)
 
     leftover = root / ".iter-000004.incomplete"
@@ -297,14 +317,14 @@ def test_a_crash_mid_save_never_moves_latest_and_the_leftover_is_replaced(tmp_pa
     assert not (root / "iter-000004").exists()
     assert (root / LATEST).read_text().strip() == "iter-000003"
     assert latest_checkpoint(tmp_path) == root / "iter-000003"
-    assert load_checkpoint(latest_checkpoint(tmp_path), policy, optimizer, scheduler, dist)["iteration"] == 3
+    assert load_checkpoint(latest_checkpoint(tmp_path), engine, scheduler)["iteration"] == 3
     assert not list(root.glob(f"{LATEST}.tmp-*"))  # the pointer is replaced atomically, never left half-written
 
     # The next successful save of iteration 4 clears the leftover and moves `latest`.
-    save_checkpoint(tmp_path, policy, optimizer, scheduler, {**state, "iteration": 4}, dist, config)
+    save_checkpoint(tmp_path, engine, scheduler, {**state, "iteration": 4}, dump(config))
     assert not leftover.exists()
     assert latest_checkpoint(tmp_path) == root / "iter-000004"
-    assert load_checkpoint(root / "iter-000004", policy)["iteration"] == 4
+    assert load_weights(root / "iter-000004", engine.policy)["iteration"] == 4
     assert sorted(p.name for p in root.iterdir()) == ["iter-000003", "iter-000004", LATEST]
 
 
@@ -314,3 +334,93 @@ def test_latest_pointing_at_a_removed_folder_is_a_clear_error(tmp_path):
     (root / LATEST).write_text("iter-000007")
     with pytest.raises(FileNotFoundError, match="iter-000007"):
         latest_checkpoint(tmp_path)
+
+
+# --- checkpoints of earlier versions ---------------------------------------------------------------------------------
+
+OLD_RUN = ROOT / "tests" / "fixtures" / "old_run_e165e4f"  # written by commit e165e4f (make_old_run_e165e4f.py)
+
+
+def test_a_checkpoint_of_an_earlier_version_loads_by_position_and_resumes_exactly(tmp_path):
+    """An old run directory: config.yaml under the old option names, optimizer.pt keyed by position (PPO: a value head
+    in a second param group, LoRA r=2, one iteration done). Its optimizer state reaches the named parameters the old
+    code optimized at each position (the old code's own order, recorded in optimizer_param_order.json); resuming
+    from it then runs exactly like resuming from the same state saved in today's format."""
+    import shutil
+    import warnings
+
+    from safetensors.torch import load_file as read
+
+    from trainer.checkpoint import read_optimizer, read_trainable
+    from trainer.config import RenamedOptionWarning
+    from trainer.train import TrainState, train
+
+    old_checkpoint = OLD_RUN / CHECKPOINTS / "iter-000001"
+    assert (old_checkpoint / OLD_OPTIMIZER).is_file() and not (old_checkpoint / OPTIMIZER_TENSORS).exists()
+    with pytest.warns(RenamedOptionWarning):
+        config = load_config(["--config", str(OLD_RUN / "config.yaml"), "--train.output_dir", str(tmp_path / "x"),
+                              "--train.iterations", "2", "--log.plots", "false"])
+    engine, scheduler = _engine(config)
+    old_order = json.loads((OLD_RUN / "optimizer_param_order.json").read_text())
+    assert engine.param_group_names == old_order  # the same parameters in the same order as the old run's
+
+    # 1. position i of optimizer.pt is the parameter at position i of the old run's order, and every slot arrives
+    state = TrainState(**load_checkpoint(old_checkpoint, engine, scheduler))
+    assert state.iteration == 1
+    saved = torch.load(old_checkpoint / OLD_OPTIMIZER, weights_only=True)
+    loaded = engine.optimizer_state()
+    names = [name for group in old_order for name in group]
+    assert len(saved["state"]) == len(names) == len(loaded["state"]) and len(old_order) == 2  # LoRA + value head
+    assert any(float(slots["exp_avg"].abs().sum()) > 0 for slots in saved["state"].values())  # not all zeros
+    for index, slots in saved["state"].items():
+        for slot, value in slots.items():
+            assert torch.equal(loaded["state"][names[index]][slot], value), (names[index], slot)
+    assert [g["lr"] for g in loaded["param_groups"]] == [g["lr"] for g in saved["param_groups"]]
+    trainable, files = engine.trainable_state(), read_trainable(old_checkpoint, engine.policy)
+    assert trainable.keys() == files.keys() == set(names)  # every trainable weight came from the checkpoint
+    for name, value in read(str(old_checkpoint / "trainable.safetensors")).items():  # the value head, by name
+        assert torch.equal(trainable[name], value), name
+    assert all(torch.equal(trainable[name], value) for name, value in files.items())
+    assert read_optimizer(old_checkpoint, engine.param_group_names)["state"].keys() == set(names)
+
+    # 2. resuming from the old layout equals resuming from the same state in today's layout
+    old_copy, new_copy = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(OLD_RUN, old_copy)
+    shutil.copytree(OLD_RUN, new_copy)
+    shutil.rmtree(new_copy / CHECKPOINTS / "iter-000001")
+    engine, scheduler = _engine(config)
+    restored = load_checkpoint(old_checkpoint, engine, scheduler)
+    save_checkpoint(new_copy, engine, scheduler, restored, dump(config))
+    assert (new_copy / CHECKPOINTS / "iter-000001" / OPTIMIZER_TENSORS).is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RenamedOptionWarning)
+        for run in (old_copy, new_copy):
+            train(load_config(["--config", str(run / "config.yaml"), "--train.output_dir", str(run),
+                               "--train.iterations", "2", "--log.progress", "false", "--log.plots", "false"]))
+    records = [_comparable(read_metrics(run / "metrics.jsonl")) for run in (old_copy, new_copy)]
+    assert list(records[0]) == list(records[1]) == [1, 2]
+    assert records[0][2] == records[1][2] and records[0][2]["train/samples"] > 0
+    a, b = _final_tensors(old_copy), _final_tensors(new_copy)
+    assert a.keys() == b.keys() and any(k.startswith("trainable/value_head") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    moments = [read(str(latest_checkpoint(run) / OPTIMIZER_TENSORS)) for run in (old_copy, new_copy)]
+    assert moments[0].keys() == moments[1].keys() and all(torch.equal(v, moments[1][k]) for k, v in moments[0].items())
+
+
+def test_an_old_checkpoint_of_other_parameters_is_refused_with_the_counts(tmp_path):
+    """optimizer.pt holds no names: a run whose trainable parameters differ (here: LoRA on the LLM only) must not
+    take its state by position (its weights are refused as well, by name)."""
+    import warnings
+
+    from trainer.checkpoint import read_optimizer
+    from trainer.config import RenamedOptionWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RenamedOptionWarning)
+        config = load_config(["--config", str(OLD_RUN / "config.yaml"), "--lora.target_modules", "llm-linear"])
+    engine, scheduler = _engine(config)
+    with pytest.raises(ValueError, match=r"holds \[68, 6\] parameters per param group but this run optimizes \[30, 6\]"):
+        read_optimizer(OLD_RUN / CHECKPOINTS / "iter-000001", engine.param_group_names)
+    with pytest.raises(ValueError, match="has tensors this model does not"):
+        load_checkpoint(OLD_RUN / CHECKPOINTS / "iter-000001", engine, scheduler)

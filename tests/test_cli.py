@@ -1,4 +1,5 @@
-"""The command line: `eval` on the toy task (JSON + per-task table), config errors without tracebacks.
+"""The command line: `eval` on the toy task (JSON + per-task table), config errors without tracebacks, `export`, and
+both on a run directory of an earlier version.
 
 `python -m trainer ...` runs in a subprocess where the exit code and the absence of a traceback matter; the rest calls
 trainer.cli.main in-process (importing torch & co. costs ~10 s per process on a small CPU box).
@@ -17,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.checkpoint import latest_checkpoint, load_checkpoint
+from trainer.checkpoint import latest_checkpoint, load_weights
 from trainer.cli import main
-from trainer.config import load_config
 from trainer.dist import Dist
+from trainer.train import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_toy_cpu.yaml")
@@ -59,8 +60,8 @@ def _table_rows(text: str) -> dict[str, list[str]]:
 
 def test_eval_on_the_toy_task_writes_per_task_json_and_prints_a_table(tmp_path):
     out = tmp_path / "eval.json"
-    result = subprocess.run([sys.executable, "-m", "trainer", "eval", "--model", "tiny", "--suite", "toy",
-                             "--trials", "4", "--output", str(out)],
+    result = subprocess.run([sys.executable, "-m", "trainer", "eval", "--model.source", "tiny", "--env.suite", "toy",
+                             "--eval.trials", "4", "--eval.output", str(out)],
                             cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(out.read_text())
@@ -82,8 +83,8 @@ def test_eval_on_the_toy_task_writes_per_task_json_and_prints_a_table(tmp_path):
 
 def test_eval_both_modes_and_a_task_subset(tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert _cli("eval", "--model", "tiny", "--suite", "toy", "--trials", "2", "--task-ids", "0", "2",
-                "--mode", "both", "--num-workers", "4", "--output", str(out)) == 0
+    assert _cli("eval", "--model.source", "tiny", "--env.suite", "toy", "--eval.trials", "2", "--env.task_ids", "[0,2]",
+                "--eval.mode", "both", "--env.num_workers", "4", "--eval.output", str(out)) == 0
     data = json.loads(out.read_text())
     assert sorted(data["results"]) == ["greedy", "sampled (T=1.0)"]
     for report in data["results"].values():
@@ -104,7 +105,8 @@ def test_eval_of_a_training_run_uses_its_config_and_latest_checkpoint(tmp_path, 
     torch.use_deterministic_algorithms(enabled)
     capsys.readouterr()
     out = tmp_path / "eval.json"
-    assert _cli("eval", "--run-dir", str(run), "--trials", "2", "--num-workers", "4", "--output", str(out)) == 0
+    assert _cli("eval", "--eval.run_dir", str(run), "--eval.trials", "2", "--env.num_workers", "4",
+                "--eval.output", str(out)) == 0
     data = json.loads(out.read_text())
     assert data["suite"] == "toy"  # from the run's config: no --suite needed
     assert data["run_dir"] == str(run) and data["checkpoint"] == str(latest_checkpoint(run))
@@ -130,15 +132,17 @@ def test_missing_config_file_exits_2_with_its_path(tmp_path, capsys):
 
 
 def test_eval_with_bad_task_ids_or_suite_is_a_clear_error(capsys):
-    assert _cli("eval", "--model", "tiny", "--suite", "toy", "--trials", "0", "--task-ids", "7") == 2
-    err = capsys.readouterr().err
-    assert "--task-ids [7] are not tasks of toy (0..2)" in err and "--trials = 0; expected >= 1" in err
-    assert _cli("eval", "--model", "tiny", "--suite", "toy_2") == 2
+    assert _cli("eval", "--model.source", "tiny", "--env.suite", "toy", "--eval.trials", "0") == 2
+    assert "eval.trials = 0; expected >= 1" in capsys.readouterr().err  # refused before anything is built
+    assert _cli("eval", "--model.source", "tiny", "--env.suite", "toy", "--env.task_ids", "[7]") == 2
+    assert "env.task_ids [7] are not tasks of toy (0..2)" in capsys.readouterr().err
+    assert _cli("eval", "--model.source", "tiny", "--env.suite", "toy_2") == 2
     assert "env.suite = 'toy_2'" in capsys.readouterr().err
 
 
-def test_unknown_arguments_are_rejected():
-    assert _cli("eval", "--model", "tiny", "--bogus", "1") == 2
+def test_unknown_arguments_are_rejected(capsys):
+    assert _cli("eval", "--model.source", "tiny", "--bogus", "1") == 2
+    assert "--bogus" in capsys.readouterr().err
     assert _cli("export", "--run-dir", "x") == 2  # --out is required
 
 
@@ -147,7 +151,7 @@ def test_unknown_arguments_are_rejected():
 
 def test_export_writes_a_merged_openvla_model_that_acts_like_the_trained_policy(tmp_path, toy_observations):
     from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer, load_vla
-    from trainer.train import build_policy, train
+    from trainer.train import build_run_policy, train
 
     run = tmp_path / "run"
     enabled = torch.are_deterministic_algorithms_enabled()
@@ -168,8 +172,8 @@ def test_export_writes_a_merged_openvla_model_that_acts_like_the_trained_policy(
 
     # The trained policy: fresh build + the run's latest checkpoint (LoRA applied, not merged).
     config = load_config(["--config", str(run / "config.yaml")])
-    trained = build_policy(config, Dist.create()).eval()
-    load_checkpoint(latest_checkpoint(run), trained)
+    trained = build_run_policy(config, Dist.create()).eval()
+    load_weights(latest_checkpoint(run), trained)
     lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b), "the adapter never moved: the comparison would be vacuous"
 
@@ -190,3 +194,39 @@ def test_export_writes_a_merged_openvla_model_that_acts_like_the_trained_policy(
     # ...and the export really contains the trained adapter (the untouched base model acts differently).
     untrained = base.act(base.prepare(toy_observations), greedy=True)
     assert not torch.allclose(untrained.log_probs, expected.log_probs, atol=1e-4)
+
+
+# --- a run directory of an earlier version ---------------------------------------------------------------------------
+
+OLD_RUN = ROOT / "tests" / "fixtures" / "old_run_e165e4f"  # config.yaml under the old option names, optimizer.pt
+
+
+def test_eval_and_export_of_a_run_directory_of_an_earlier_version(tmp_path, capsys, toy_observations):
+    """Its config.yaml loads (renamed options under their new names, with a warning) and its checkpoint's weights
+    are the ones evaluated and exported."""
+    from trainer.config import RenamedOptionWarning
+    from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
+    from trainer.train import build_run_policy
+
+    out = tmp_path / "eval.json"
+    with pytest.warns(RenamedOptionWarning, match="algo.gamma -> algo.ppo.gamma"):
+        assert _cli("eval", "--eval.run_dir", str(OLD_RUN), "--eval.trials", "2", "--env.num_workers", "4",
+                    "--eval.output", str(out)) == 0
+    data = json.loads(out.read_text())
+    assert data["suite"] == "toy" and data["checkpoint"] == str(OLD_RUN / "checkpoints" / "iter-000001")
+    _check_report(data["results"]["greedy"], trials=2)
+
+    merged = tmp_path / "merged"
+    with pytest.warns(RenamedOptionWarning):
+        assert _cli("export", "--run-dir", str(OLD_RUN), "--out", str(merged)) == 0
+    with pytest.warns(RenamedOptionWarning):
+        config = load_config(["--config", str(OLD_RUN / "config.yaml")])
+    trained = build_run_policy(config, Dist.create()).eval()
+    assert load_weights(OLD_RUN / "checkpoints" / "iter-000001", trained)["iteration"] == 1
+    assert any(p.abs().sum() > 0 for n, p in trained.named_parameters() if "lora_B" in n)  # trained adapters
+    model, tokenizer = load_model_and_tokenizer(str(merged))
+    exported = VLAPolicy(model, tokenizer, EnvSettings("none", False, "toy")).eval()
+    expected = trained.act(trained.prepare(toy_observations), greedy=True)
+    got = exported.act(exported.prepare(toy_observations), greedy=True)
+    assert torch.equal(got.token_ids, expected.token_ids)
+    torch.testing.assert_close(got.log_probs, expected.log_probs, atol=1e-5, rtol=1e-5)

@@ -1,8 +1,9 @@
 """Distributed execution on CPU with gloo: every backend with 2 processes, against one process with the same batch.
 
 Each backend runs tests/dist_scripts/backend_check.py once (launched lazily, cached for the module): a fixed global
-batch of 8 policy steps through `update_policy`, a NaN injected into ONE rank's gradients, a checkpoint round trip,
-and rollouts under `Dist.gathered_for_rollout`; every rank reports JSON, which the tests below assert on.
+batch of 8 policy steps through `Learner.update` with the recipe's objective on the backend's engine, a NaN injected
+into ONE rank's gradients, a checkpoint round trip, and rollouts under `Engine.rollout_weights`; every rank reports
+JSON, which the tests below assert on.
 
     ddp               accelerate launch --config_file accelerate_configs/cpu_2proc.yaml   samples per rank 5 / 3
     fsdp              torchrun + TRAINER_ACCELERATE_CONFIG=accelerate_configs/fsdp_1node.yaml        8 / 0
@@ -282,8 +283,8 @@ def test_checkpoint_saves_and_loads_back_exactly(runs, backend):
     files = set(reports[0]["checkpoint"]["files"])
     assert {"adapter_model.safetensors", "adapter_config.json", "scheduler.pt", "trainer_state.json",
             "rng-rank0.json", "rng-rank1.json"} <= files
-    if backend in SHARDED:  # gathered, keyed by name, no pickle
-        assert {"optimizer.safetensors", "optimizer.json"} <= files and "optimizer.pt" not in files
+    # every backend: gathered, keyed by parameter name, no pickle
+    assert {"optimizer.safetensors", "optimizer.json"} <= files and "optimizer.pt" not in files
     for report in reports:
         checkpoint = report["checkpoint"]
         assert checkpoint["moved_before_load"] > 0  # the step after saving changed the weights ...
@@ -382,6 +383,52 @@ def test_two_node_torchrun_on_loopback_trains_one_iteration(tmp_path):
     assert last["train/step_skipped"] == 0.0 and 0 < last["train/grad_norm"] < float("inf")
     logs = [(tmp_path / "logs" / f"node-{i}.log").read_text() for i in range(2)]
     assert "node 0/2" in logs[0] and "node 1/2" in logs[1]
+
+
+def _iteration_logged(metrics: Path) -> bool:
+    lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []  # the last part may be half-written
+    return any(line.strip() and json.loads(line).get("iteration", 0) >= 1 for line in lines)
+
+
+@multiproc
+def test_when_a_node_dies_the_other_names_the_lost_rank_and_exits_without_waiting_for_the_collective_timeout(
+        tmp_path):
+    """Two single-process "nodes" (scripts/launch_multinode.sh on 127.0.0.1) train; after iteration 1 is logged,
+    node 1 is killed with SIGKILL (launcher and worker: a lost machine). Node 0 exits with an error that names rank 1,
+    from the heartbeat watch (dist.peer_timeout_s = 10 s here), not after the 30-minute collective timeout: the
+    wait below would time out long before that."""
+    import time
+
+    run_dir = tmp_path / "run"
+    args = ["--config", "configs/tiny_toy_cpu.yaml", "--train.output_dir", str(run_dir), "--train.iterations", "100",
+            "--env.groups_per_iteration", "2", "--rollout.num_generations", "4", "--env.num_workers", "4",
+            "--env.max_steps", "4", "--algo.micro_batch_size", "4", "--train.eval_every", "0",
+            "--train.checkpoint_every", "0", "--dist.peer_timeout_s", "10", "--log.progress", "false",
+            "--log.plots", "false", "--log.wandb", "false"]
+    port = str(_free_port())
+    logs = [tmp_path / f"node-{rank}.log" for rank in range(2)]
+    nodes = []
+    try:
+        for rank, log in enumerate(logs):
+            env = _env(NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                       NPROC_PER_NODE="1", PYTHON=PYTHON)
+            with open(log, "w") as sink:
+                nodes.append(subprocess.Popen(["bash", str(ROOT / "scripts" / "launch_multinode.sh"), *args], cwd=ROOT,
+                                              env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while not _iteration_logged(run_dir / "metrics.jsonl"):
+            assert all(node.poll() is None for node in nodes), "\n".join(log.read_text()[-3000:] for log in logs)
+            assert time.monotonic() < deadline, "no iteration finished in time"
+            time.sleep(0.2)
+        _kill_tree(nodes[1])
+        code = nodes[0].wait(timeout=150)  # peer_timeout_s + the heartbeat interval, with room for a loaded machine
+    finally:
+        for node in nodes:
+            _kill_tree(node)
+    output = logs[0].read_text()
+    assert code != 0, output[-3000:]
+    assert "trainer: rank 0 stops: rank 1 (host " in output and "node 1) sent no heartbeat for" in output, output[-3000:]
+    assert "dist.peer_timeout_s = 10" in output and "30-minute timeout" in output
 
 
 # --- configuration files (one process, fast) ---------------------------------------------------------------------------

@@ -229,3 +229,67 @@ def test_no_worker_outlives_a_parent_that_is_interrupted_or_killed(tmp_path, sig
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+# --- hangs: inside rendering, and in the very first reset (RLinf#892: an EGL deadlock there) -------------------------
+# The stand-in env "renders" each observation it returns by sleeping render_seconds: a render call that blocks.
+
+
+def test_a_worker_hung_inside_rendering_is_killed_and_replaced():
+    # Worker 1's renders take 10 s: its reset (deadline 60 s) passes, its step's render outlasts the 3 s step deadline.
+    # (Generous margins: a loaded CI machine may take a second to schedule a healthy worker.)
+    with EnvPool("libero_standin", 2, {"render_seconds": 0.0, "step_seconds": 0.0, "success_per_step": 0.0},
+                 per_worker_env_kwargs={1: {"render_seconds": 10.0}}, reset_timeout_s=60, step_timeout_s=3.0) as pool:
+        first_pids = pool.worker_pids
+        assert all(reply.ok for reply in pool.reset({i: ResetRequest(0, i, seed=i) for i in range(2)}).values())
+        replies = pool.step({0: STAY, 1: STAY})
+        assert replies[0].ok and replies[0].result.steps_executed == 1
+        assert replies[1].result is None and "no reply to step within 3 s (hung)" in replies[1].env_error
+        assert wait_until_gone([first_pids[1]]) == []  # killed, not left rendering
+        assert pool.worker_pids[0] == first_pids[0] and pool.worker_pids[1] != first_pids[1]
+        assert [w.env_errors for w in pool.stats.workers] == [0, 1] and [w.restarts for w in pool.stats.workers] == [0, 1]
+        # the replacement serves the next episode; worker 0's episode went on untouched
+        assert pool.reset({1: ResetRequest(0, 7, seed=7)})[1].ok
+        assert pool.step({0: STAY})[0].ok
+        all_pids = pool.started_pids
+    assert len(all_pids) == 3 and wait_until_gone(all_pids) == []
+
+
+def test_a_hang_in_every_first_reset_ends_with_the_systematic_error():
+    # Worker 1 hangs in the first render of every process (its first reset): each hang is killed after the reset
+    # deadline and the worker replaced; the episode on it fails, the other worker's does not; a hang that comes back
+    # in every replacement stops the run with a clear error instead of retrying forever.
+    with EnvPool("libero_standin", 2, {"render_seconds": 0.0, "step_seconds": 0.0},
+                 per_worker_env_kwargs={1: {"render_seconds": 3600.0}}, reset_timeout_s=3.0,
+                 max_consecutive_failures=2) as pool:
+        replies = pool.reset({i: ResetRequest(0, i, seed=i) for i in range(2)})
+        assert replies[0].ok and replies[0].observation.primary_image.shape == (256, 256, 3)
+        assert "no reply to reset within 3 s (hung)" in replies[1].env_error
+        assert pool.step({0: STAY})[0].ok  # worker 0 goes on
+        with pytest.raises(RuntimeError, match=r"env workers \[1\] failed 2 times in a row"):
+            pool.reset({1: ResetRequest(0, 1, seed=1)})
+        pids = pool.started_pids
+    assert len(pids) == 4 and wait_until_gone(pids) == []  # 2 + a replacement after each of the 2 hangs
+
+
+def test_a_worker_that_hangs_while_building_its_env_gets_one_more_try(caplog):
+    with caplog.at_level("WARNING", logger="trainer.envs.pool"), pytest.raises(
+        RuntimeError, match=r"1 of 2 'toy' env workers failed to start(.|\n)*worker 1: did not build its env within 10 s"
+    ):
+        EnvPool("toy", 2, per_worker_env_kwargs={1: {"init_delay_s": 3600.0}}, start_timeout_s=10.0)
+    retries = [r.getMessage() for r in caplog.records if "failed and is being replaced" in r.getMessage()]
+    assert len(retries) == 1 and retries[0].startswith("env worker 1 ") and "did not build its env" in retries[0]
+
+
+def test_render_fallback_is_reported_once_per_pool(caplog):
+    with EnvPool("libero_standin", 2, {"render_seconds": 0.0}) as pool:
+        assert pool.render_notes[0] == {"MUJOCO_GL": os.environ.get("MUJOCO_GL"),
+                                        "MUJOCO_EGL_DEVICE_ID": os.environ.get("MUJOCO_EGL_DEVICE_ID"),
+                                        "fallback_reason": None}
+        for worker in pool._workers:  # as two workers that fell back would report it
+            worker.render = {"MUJOCO_GL": "osmesa", "MUJOCO_EGL_DEVICE_ID": None, "fallback_reason": "no libEGL"}
+        with caplog.at_level("WARNING", logger="trainer.envs.pool"):
+            for worker in pool._workers:
+                pool._report_render_fallback(worker)
+    warnings_logged = [r for r in caplog.records if "render with OSMesa instead of EGL" in r.getMessage()]
+    assert len(warnings_logged) == 1 and "no libEGL" in warnings_logged[0].getMessage()

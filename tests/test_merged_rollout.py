@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import randomize_lora_b
 
 import trainer.train
-from trainer.config import load_config
+from trainer.engine import merges_lora_for_rollout
 from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
 from trainer.models.lora import LoraSettings, apply_lora, quantize_int8
+from trainer.train import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,11 +167,8 @@ def test_a_model_without_lora_is_left_alone(toy_observations):
 @pytest.mark.parametrize("backend, merges", [("single", True), ("ddp", True), ("fsdp", False),
                                              ("deepspeed_zero2", False), ("deepspeed_zero3", False)])
 def test_merge_lora_only_on_unsharded_backends(backend, merges):
-    on = SimpleNamespace(rollout=SimpleNamespace(merge_lora=True))
-    off = SimpleNamespace(rollout=SimpleNamespace(merge_lora=False))
-    dist = SimpleNamespace(backend=backend)
-    assert trainer.train.merges_lora_for_rollout(on, dist) is merges
-    assert trainer.train.merges_lora_for_rollout(off, dist) is False
+    assert merges_lora_for_rollout(True, backend) is merges
+    assert merges_lora_for_rollout(False, backend) is False
 
 
 FAST = ["--env.groups_per_iteration", "2", "--rollout.num_generations", "4", "--env.num_workers", "8",

@@ -1,7 +1,7 @@
 """The training loop end to end on the tiny model and the toy task: outputs and logging, the gradient guard, phases.
 
 Runs are in-process (a few seconds each with one intra-op thread); test hooks wrap functions of `trainer.algos`, and
-`trainer.train.update_policy` to know which iteration a loss call belongs to.
+`Learner.update` / `trainer.train.objective` to know which iteration (and phase) a loss call belongs to.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 import trainer.algos
+import trainer.learner
 import trainer.train
 from trainer.checkpoint import CHECKPOINTS, latest_checkpoint
-from trainer.config import dump, load_config
+from trainer.config import dump
 from trainer.logging import read_metrics
+from trainer.train import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_toy_cpu.yaml")
@@ -47,23 +49,28 @@ def _is_png(path: Path) -> bool:
 
 
 class _IterationTag:
-    """Wraps trainer.train.update_policy to record the 0-based iteration (and phase) whose update is running."""
+    """Wraps Learner.update and the recipe's objective to record the 0-based iteration (and phase) whose update is
+    running."""
 
     def __init__(self, monkeypatch):
         self.iteration: int | None = None
         self.bc_phase: bool | None = None
-        original = trainer.train.update_policy
-        signature = inspect.signature(original)
+        update, objective = trainer.learner.Learner.update, trainer.train.objective
+        signature = inspect.signature(update)
 
-        def tagged(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs).arguments
-            self.iteration, self.bc_phase = bound["iteration"], bound["bc_phase"]
+        def tagged_update(*args, **kwargs):
+            self.iteration = signature.bind(*args, **kwargs).arguments["iteration"]
             try:
-                return original(*args, **kwargs)
+                return update(*args, **kwargs)
             finally:
                 self.iteration = self.bc_phase = None
 
-        monkeypatch.setattr(trainer.train, "update_policy", tagged)
+        def tagged_objective(*args, **kwargs):
+            self.bc_phase = kwargs["bc_phase"]
+            return objective(*args, **kwargs)
+
+        monkeypatch.setattr(trainer.learner.Learner, "update", tagged_update)
+        monkeypatch.setattr(trainer.train, "objective", tagged_objective)
 
 
 # --- 4. outputs and logging ------------------------------------------------------------------------------------------
@@ -156,7 +163,7 @@ def _initial_weights(config) -> dict[str, torch.Tensor]:
 
     from trainer.dist import Dist
 
-    policy = trainer.train.build_policy(config, Dist.create())
+    policy = trainer.train.build_run_policy(config, Dist.create())
     tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(policy.vla).items()}
     tensors.update({n: p.detach().clone() for n, p in policy.named_parameters() if n.startswith("value_head")})
     return tensors
@@ -214,7 +221,7 @@ def test_guard_skips_a_bad_step_counts_it_and_leaves_the_weights_unchanged(tmp_p
 # --- 6. phases -------------------------------------------------------------------------------------------------------
 
 
-def test_phases_bc_warmup_then_handover_with_decreasing_epsilon_then_rl(tmp_path, monkeypatch):
+def test_phases_bc_warmup_then_handover_with_decreasing_greedy_probability_then_rl(tmp_path, monkeypatch):
     """BC warm-up clones the greedy tokens of SUCCESSFUL episodes; a random-initialised tiny policy rarely succeeds
     greedily, so a test hook marks the warm-up's (greedy) episodes successful to give it data."""
     tag = _IterationTag(monkeypatch)
@@ -248,14 +255,15 @@ def test_phases_bc_warmup_then_handover_with_decreasing_epsilon_then_rl(tmp_path
     monkeypatch.setattr(trainer.algos, "ppo_clip_loss", ppo_spy)
     monkeypatch.setattr(trainer.train, "collect_episodes", collect_with_teacher_successes)
     run = tmp_path / "run"
-    _train(run, "--algo.bc_warmup_iterations", "1", "--algo.handover_iterations", "2", "--train.iterations", "4",
+    _train(run, "--algo.phases.bc_warmup_iterations", "1", "--algo.phases.handover_iterations", "2",
+           "--train.iterations", "4",
            "--train.eval_every", "0", "--log.plots", "false", "--train.checkpoint_every", "0",
            "--algo.name", "ppo", "--algo.ppo_epochs", "1")
     lines = _by_iteration(run)
     assert [lines[i]["phase"] for i in (1, 2, 3, 4)] == ["bc_warmup", "handover", "handover", "rl"]
-    epsilons = [lines[i]["phase/epsilon"] for i in (1, 2, 3, 4)]
-    assert epsilons == [1.0, 1.0, 0.5, 0.0]  # greedy warm-up, then linear decay 1 -> 1/2, then sampled only
-    assert greedy_probabilities == epsilons  # the rollouts used them
+    logged = [lines[i]["phase/greedy_probability"] for i in (1, 2, 3, 4)]
+    assert logged == [1.0, 1.0, 0.5, 0.0]  # greedy warm-up, then linear decay 1 -> 1/2, then sampled only
+    assert greedy_probabilities == logged  # the rollouts used them
 
     # Warm-up: the update is the behaviour-cloning cross-entropy (and nothing else); after it, the RL loss.
     warmup = lines[1]
@@ -273,11 +281,11 @@ def test_phases_bc_warmup_then_handover_with_decreasing_epsilon_then_rl(tmp_path
 def test_tokens_of_actions_the_env_never_executed_do_not_reach_the_loss(toy_observations):
     """An OFT chunk cut short by the end of an episode: the tokens of its unexecuted actions get no loss and no
     gradient, and the token mean is over executed tokens only."""
-    from trainer.config import RunConfig
+    from trainer.learner import Counts, Samples, collate
     from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
     from trainer.models.lora import LoraSettings, apply_lora
     from trainer.rollout import executed_token_mask
-    from trainer.train import Samples, _micro_batch_loss
+    from trainer.train import RunConfig, objective
 
     model, tokenizer = load_model_and_tokenizer("tiny-oft", seed=0)
     policy = VLAPolicy(apply_lora(model, LoraSettings(rank=4)), tokenizer, EnvSettings("none", False, "toy"))
@@ -305,8 +313,9 @@ def test_tokens_of_actions_the_env_never_executed_do_not_reach_the_loss(toy_obse
     results = []
     for unexecuted in (-3.0, -50.0):  # only the unexecuted tokens' rollout log-probs differ
         policy.zero_grad()
-        loss, parts = _micro_batch_loss(config, policy, policy, samples_with(unexecuted), [0, 1], 2.0, executed,
-                                        False, None)
+        batch = collate(samples_with(unexecuted), [0, 1], policy, torch.device("cpu"))
+        loss, parts = objective(config.algo, policy, policy, batch, Counts(sequences=2.0, tokens=executed),
+                                temperature=config.rollout.temperature, bc_phase=False)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
         results.append((loss.detach(), parts["approx_kl"], grads))
@@ -320,3 +329,34 @@ def test_tokens_of_actions_the_env_never_executed_do_not_reach_the_loss(toy_obse
         epsilon=config.algo.epsilon, epsilon_high=config.algo.epsilon_high, log_ratio_clamp=config.algo.log_ratio_clamp,
         advantage_clamp=config.algo.advantage_clamp, num_tokens_global=executed)
     torch.testing.assert_close(results[0][0], expected.detach())
+
+
+# --- 7. videos of the evaluations --------------------------------------------------------------------------------------
+
+
+def test_video_episodes_records_that_many_greedy_evaluation_episodes_per_evaluation_without_changing_them(tmp_path):
+    """rollout.video_episodes: N mp4 files of the greedy evaluation in output_dir/videos/iter-XXXXXX/ at every
+    evaluation (here the baseline and iteration 1), each a whole episode of the toy task's primary camera; the
+    evaluation's results are those of the same run without videos."""
+    import re
+
+    import imageio.v2 as imageio
+
+    common = ["--train.iterations", "1", "--train.eval_every", "1", "--log.plots", "false",
+              "--train.checkpoint_every", "0"]
+    _train(tmp_path / "plain", *common)
+    _train(tmp_path / "videos", *common, "--rollout.video_episodes", "2")
+    assert not (tmp_path / "plain" / "videos").exists()
+    for iteration in (0, 1):
+        folder = tmp_path / "videos" / "videos" / f"iter-{iteration:06d}"
+        files = sorted(folder.glob("*.mp4"))
+        assert len(files) == 2, files
+        for path in files:
+            assert re.fullmatch(r"task\d+_init\d+_(success|failure)\.mp4", path.name), path.name
+            frames = imageio.mimread(path)
+            assert 2 <= len(frames) <= 9  # the reset frame and one per step (the toy task: at most 8 steps)
+            assert frames[0].shape == (32, 32, 3)
+    plain, videos = _by_iteration(tmp_path / "plain"), _by_iteration(tmp_path / "videos")
+    for iteration in (0, 1):
+        for key in ("eval/greedy_success_rate", "eval/sampled_success_rate"):
+            assert videos[iteration][key] == plain[iteration][key]

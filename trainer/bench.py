@@ -6,21 +6,43 @@ Random weights (no checkpoint needed). Parts, each optional:
            timm vision towers. "LM+vision" ceilings add the towers' time to the LM's.
   rollout  the policy API (`VLAPolicy.act`, the function rollouts, evaluation and this benchmark share) for
            OpenVLA (7 tokens, KV cache) and OpenVLA-OFT (one forward per 8-action chunk) at batch 1 / 16 / 64.
-  update   the training update (`trainer.train.update_policy`: PPO loss, backward, guard, optimizer step) with
-           LoRA r=32 on all linear layers and gradient checkpointing, on synthetic samples, under whatever
-           backend `accelerate launch` gives it (single GPU, DDP, FSDP2, DeepSpeed ZeRO-2/3; `--int8` for LLM.int8).
+  update   the training update (`Learner.update` with the recipe's objective: PPO loss, backward, guard, optimizer
+           step) with LoRA r=32 on all linear layers and gradient checkpointing, on synthetic samples, under whatever
+           backend `accelerate launch` gives it (single GPU, DDP, FSDP2, DeepSpeed ZeRO-2/3; `--int8` for LLM.int8),
+           built and set up exactly as training does (build.py, engine.setup_engine).
+
+The objective is the recipe's (train.objective); this library module does not import the recipe, so the command line
+passes it in: `objective(policy, model, batch, counts) -> (loss, diagnostics)`.
 Writes JSON (and a markdown table) to --out.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import gc
 import json
+import re
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
+from peft import LoraConfig, get_peft_model
+from peft.helpers import disable_input_dtype_casting
+from torch.profiler import ProfilerActivity, profile
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from trainer.build import Dtype, EnvConfig, ModelConfig, QuantConfig, QuantMode, Suite, build_optimizer, build_policy
+from trainer.dist import Dist
+from trainer.engine import Engine, OptimConfig, setup_engine
+from trainer.envs.base import Observation
+from trainer.learner import Counts, Learner, Samples, collate
+from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
+from trainer.models.config import preset as preset_config
+from trainer.models.lora import LoraSettings, apply_lora
 
 SEQ_OPENVLA = 256 + 1 + 20 + 7  # patches + BOS + prompt + action tokens
 SEQ_OFT = 1 + 512 + 1 + 20 + 56 + 1  # BOS + 2 views of patches + proprio + prompt + action slots + stop
@@ -58,12 +80,7 @@ def _reset_peak():
 
 def measure_ceiling(device, batches=(1, 16, 64), train_batches=(8, 16), preset_name: str = "openvla-7b") -> dict:
     """Plain transformers / timm models of the preset's shapes (no project code in the timed paths)."""
-    import timm
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainer.models.config import preset
-
-    vla_config = preset(preset_name)
+    vla_config = preset_config(preset_name)
     out: dict = {}
     config = LlamaConfig(**{k: v for k, v in vla_config.text_config.items() if k != "model_type"})
     config._attn_implementation = "sdpa"
@@ -114,15 +131,7 @@ def measure_lora_ceiling(device, batches=(8, 16), preset_name: str = "openvla-7b
 
     Two ways, the faster one is the ceiling: PEFT as it comes (fp32 adapters, inputs cast to fp32), and the same fp32
     adapters computing in bf16 under autocast (what `VLAPolicy` does)."""
-    from contextlib import nullcontext
-
-    from peft import LoraConfig, get_peft_model
-    from peft.helpers import disable_input_dtype_casting
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainer.models.config import preset
-
-    vla_config = preset(preset_name)
+    vla_config = preset_config(preset_name)
     vocab = vla_config.base_vocab_size
     if lm is None:
         config = LlamaConfig(**{k: v for k, v in vla_config.text_config.items() if k != "model_type"})
@@ -164,8 +173,6 @@ def measure_lora_ceiling(device, batches=(8, 16), preset_name: str = "openvla-7b
 
 
 def _observations(batch: int, seed: int = 0):
-    from trainer.envs.base import Observation
-
     rng = np.random.default_rng(seed)
     return [Observation(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
                         rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
@@ -174,28 +181,9 @@ def _observations(batch: int, seed: int = 0):
             for _ in range(batch)]
 
 
-def _policy(preset: str, device, lora: bool = False, int8: bool = False, lora_targets: str = "all-linear"):
-    from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
-    from trainer.models.lora import LoraSettings, apply_lora, quantize_int8
-
-    model, tokenizer = load_model_and_tokenizer(f"random:{preset}", seed=0, dtype=torch.bfloat16, device=device)
-    if int8:
-        quantize_int8(model, device)
-    if lora:
-        model.gradient_checkpointing_enable()
-        model = apply_lora(model, LoraSettings(rank=32, alpha=16, target_modules=lora_targets))
-    policy = VLAPolicy(model, tokenizer, EnvSettings("libero", True, "libero_spatial"), value_head=False)
-    return policy.to(device)
-
-
 def measure_rollout(device, batches=(1, 16, 64), presets=("openvla-7b", "openvla-7b-oft")) -> dict:
     """Each preset three ways: the plain model; with LoRA r=32 on all linear layers (the policy as RL rolls it out);
     and the same adapters folded into the weights for the rollout (`rollout.merge_lora`, `VLAPolicy.merged_adapters`)."""
-    from contextlib import nullcontext
-
-    from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
-    from trainer.models.lora import LoraSettings, apply_lora
-
     out: dict = {}
     for preset, variant in ((p, v) for p in presets for v in ("", "+lora", "+lora merged")):
         if variant == "":
@@ -225,9 +213,7 @@ def measure_rollout(device, batches=(1, 16, 64), presets=("openvla-7b", "openvla
     return out
 
 
-def _synthetic_samples(policy, count: int):
-    from trainer.train import Samples
-
+def _synthetic_samples(policy, count: int) -> Samples:
     inputs = policy.prepare(_observations(1))
     result = policy.act(inputs, greedy=False)
     samples = Samples()
@@ -243,60 +229,50 @@ def _synthetic_samples(policy, count: int):
     return samples
 
 
-def _update_setup(batch: int, int8: bool, preset: str, lora_targets: str):
-    """Policy with LoRA, synthetic samples and the optimizer, prepared by the launch's backend."""
-    from trainer.config import RunConfig
-    from trainer.dist import Dist
-    from trainer.models.lora import check_quantization
-    from trainer.train import build_optimizer
-
+def _update_setup(batch: int, int8: bool, preset: str, lora_targets: str) -> tuple[Engine, Samples]:
+    """The policy with LoRA r=32, its optimizer and engine, built and set up as training does, and synthetic samples."""
     dist = Dist.create()
-    config = RunConfig()
-    config.algo.micro_batch_size = batch
-    config.quant.mode = "int8" if int8 else "none"
-    config.quant.optimizer_8bit = int8
-    config.lora.target_modules = lora_targets
-    check_quantization(config.quant.mode, dist.backend)
-    policy = _policy(preset, dist.device, lora=True, int8=int8, lora_targets=lora_targets)
-    samples = _synthetic_samples(policy, batch)
-    optimizer, scheduler = build_optimizer(config, policy)
-    model, optimizer, scheduler = dist.accelerator.prepare(policy, optimizer, scheduler)
-    return config, dist, policy, model, optimizer, samples
+    optim = OptimConfig()
+    policy = build_policy(ModelConfig(source=f"random:{preset}", dtype=Dtype.BF16, gradient_checkpointing=True),
+                          LoraSettings(rank=32, alpha=16, target_modules=lora_targets),
+                          QuantConfig(mode=QuantMode.INT8 if int8 else QuantMode.NONE, optimizer_8bit=int8),
+                          EnvConfig(suite=Suite.LIBERO_SPATIAL), dist, value_head=False, seed=0)
+    optimizer, _ = build_optimizer(optim, policy, iterations=1, optimizer_8bit=int8)
+    engine = setup_engine(dist, policy, optimizer, optim)
+    return engine, _synthetic_samples(policy, batch)
 
 
 def measure_update(batch: int, int8: bool = False, preset: str = "openvla-7b", steps: int = 3,
-                   lora_targets: str = "all-linear") -> dict:
+                   lora_targets: str = "all-linear", *, objective) -> dict:
     """Samples/s of the real update step (one optimizer step per call) under the launch's backend."""
-    from trainer.train import TrainState, update_policy
-
-    config, dist, policy, model, optimizer, samples = _update_setup(batch, int8, preset, lora_targets)
-    state = TrainState()
+    engine, samples = _update_setup(batch, int8, preset, lora_targets)
+    dist = engine.dist
+    learner = Learner(engine, epochs=1, mini_batches=1, micro_batch_size=batch, seed=0)
+    loss_fn = functools.partial(objective, engine.policy, engine.model)
+    skipped = []
     _reset_peak()
-    policy.train()
-    seconds = timed(lambda: update_policy(config, policy, model, optimizer, samples, dist, 0, False, state),
-                    warmup=1, iters=steps)
+    engine.policy.train()
+    seconds = timed(lambda: skipped.extend(learner.update(samples, loss_fn, 0).skip_reasons), warmup=1, iters=steps)
     result = {"backend": dist.backend + ("+int8" if int8 else ""), "world_size": dist.world_size,
               "model": preset, "lora_targets": lora_targets,
               "per_gpu_batch": batch, "seconds_per_step": seconds,
               "samples_per_s": batch * dist.world_size / seconds, "peak_gb_per_gpu": _peak_gb(),
-              "skipped_steps": state.skipped_steps}
+              "skipped_steps": len(skipped)}
     peaks = dist.gather_objects([_peak_gb()])
     result["peak_gb_per_gpu_all_ranks"] = peaks
     return result if dist.is_main else {}
 
 
 def measure_update_phases(batch: int, int8: bool = False, preset: str = "openvla-7b", steps: int = 3,
-                          lora_targets: str = "all-linear", trace_dir: str | None = None) -> dict:
-    """Where one update step's time goes (one GPU), from CUDA events around the same functions `update_policy`
-    runs (`_micro_batch_loss`, `Dist.backward`, `_optimizer_step`) plus hooks at the towers' and the projector's
-    outputs; then one step under torch.profiler: GPU kernel time by kind, and the GPU's idle share of the step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from trainer.train import TrainState, _micro_batch_loss, _optimizer_step
-
-    config, dist, policy, model, optimizer, samples = _update_setup(batch, int8, preset, lora_targets)
-    base, state, marks = policy.base_model, TrainState(), {}
+                          lora_targets: str = "all-linear", trace_dir: str | None = None, *, objective) -> dict:
+    """Where one update step's time goes (one GPU), from CUDA events around the same calls `Learner.update` makes
+    (the objective, `Engine.backward`, `Engine.step`) plus hooks at the towers' and the projector's outputs; then
+    one step under torch.profiler: GPU kernel time by kind, and the GPU's idle share of the step."""
+    engine, samples = _update_setup(batch, int8, preset, lora_targets)
+    dist, policy = engine.dist, engine.policy
+    base, marks = policy.base_model, {}
     indices = list(range(len(samples)))
+    counts = Counts(sequences=float(len(indices)), tokens=float(sum(samples.token_masks[i].sum() for i in indices)))
 
     def mark(name: str):
         marks[name] = Mark()
@@ -314,12 +290,11 @@ def measure_update_phases(batch: int, int8: bool = False, preset: str = "openvla
     def step():
         marks.clear()
         mark("start")
-        loss, _ = _micro_batch_loss(config, policy, model, samples, indices, float(len(indices)),
-                                    float(sum(samples.token_masks[i].sum() for i in indices)), False, None)
+        loss, _ = objective(policy, engine.model, collate(samples, indices, policy, dist.device), counts)
         mark("language_model_forward")  # with the action log-softmax and the loss
-        dist.backward(model, loss, sync=True)
+        engine.backward(loss, last=True)
         mark("backward")
-        _optimizer_step(config, policy, model, optimizer, dist, state)
+        engine.step()
         mark("optimizer_step")
 
     policy.train()
@@ -381,7 +356,6 @@ class Mark:
 
 def kernel_time_by_kind(prof) -> dict[str, float]:
     """Seconds of GPU kernels of a profiled region, by kind (matrix multiplies, attention, the rest)."""
-    import re
 
     kinds = {"matmul": re.compile(r"gemm|cutlass|xmma|nvjet|cublas|sm\d+_.*(?:mma|tensorop)", re.I),
              "attention": re.compile(r"flash|fmha|attention|sdpa", re.I),
@@ -481,9 +455,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
-    import datetime
-
+def main(args, objective) -> int:
+    """`python -m trainer bench`; `objective`: the recipe's, with its options bound (see the module docstring)."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     report: dict = {}
     path = Path(args.out)
@@ -511,7 +484,7 @@ def main(args) -> int:
         for model in args.models:
             for targets in args.lora_targets:
                 result = measure_update_phases(args.update_batch, int8=args.int8, preset=model, steps=args.steps,
-                                               lora_targets=targets, trace_dir=args.trace_dir)
+                                               lora_targets=targets, trace_dir=args.trace_dir, objective=objective)
                 if result:
                     report.setdefault("phases", []).append(result)
                 gc.collect()
@@ -520,7 +493,7 @@ def main(args) -> int:
         for model in args.models:
             for targets in args.lora_targets:
                 result = measure_update(args.update_batch, int8=args.int8, steps=args.steps, preset=model,
-                                        lora_targets=targets)
+                                        lora_targets=targets, objective=objective)
                 if result:
                     report.setdefault("update", []).append(result)
                 gc.collect()

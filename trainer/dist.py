@@ -1,9 +1,10 @@
-"""Everything that knows about ranks: the Accelerator per backend, global gathers, agreed decisions, balanced
-micro-batches, and the few places where FSDP2 and DeepSpeed need handling of their own.
+"""Everything that knows about ranks: the Accelerator for however the run was launched, rank information,
+collectives, decisions every rank takes identically, and the watch on peer ranks.
 
 The rest of the code calls these helpers and never torch.distributed directly, so the invariants of DESIGN.md hold in
 one place: every rank makes the same collective calls, group statistics and guard decisions come from globally
-reduced values, and only rank 0 writes logs.
+reduced values, and only rank 0 writes logs. What a backend does with the model and optimizer (wrapping, backward,
+the step, gathered weights, full state for checkpoints) is its engine's business (engine.py).
 
 Backends (chosen by the launcher, reported by `Dist.backend`):
 
@@ -16,6 +17,11 @@ Backends (chosen by the launcher, reported by `Dist.backend`):
 Processes started by torchrun or srun (not by `accelerate launch`) pick a backend with
 TRAINER_ACCELERATE_CONFIG=accelerate_configs/<file>.yaml: the file's backend settings are put into the environment
 exactly where `accelerate launch --config_file <file>` would put them (values already set win).
+
+A rank that dies (a crash, an OOM kill, a lost node) would leave the others waiting inside their next collective
+until the collective timeout, with an error that names no rank. So every rank of a multi-process run sends a heartbeat
+through the launcher's key-value store from a daemon thread (no collective, nothing on the training path); when a
+peer's heartbeat stops for `dist.peer_timeout_s`, the others print which rank (and host) was lost and exit.
 """
 
 from __future__ import annotations
@@ -24,15 +30,58 @@ import contextlib
 import datetime
 import math
 import os
-from dataclasses import dataclass, field
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
+import yaml
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+
+from trainer.config import Choice, check
 
 ACCELERATE_CONFIG_ENV = "TRAINER_ACCELERATE_CONFIG"
-SHARDED_BACKENDS = ("fsdp", "deepspeed_zero2", "deepspeed_zero3")
+PEER_LOST_EXIT_CODE = 3  # the exit status of a rank that stopped because a peer was lost
 
+
+class BackendName(Choice):
+    AUTO = "auto"
+    SINGLE = "single"
+    DDP = "ddp"
+    FSDP = "fsdp"
+    DEEPSPEED_ZERO2 = "deepspeed_zero2"
+    DEEPSPEED_ZERO3 = "deepspeed_zero3"
+
+
+@dataclass
+class DistConfig:
+    """How the ranks of a multi-process run wait for each other (the launcher decides how many there are)."""
+
+    timeout_minutes: float = 30.0
+    """How long one collective (all-reduce, gather, barrier) waits for the slowest rank before the run fails with an
+    error naming the collective. Long enough for the largest wait of a healthy run: ranks finishing unequal shares of
+    a rollout or an evaluation, rank 0 writing a checkpoint. A rank that has died is caught by `peer_timeout_s`
+    instead, much sooner; this bounds hangs of live ranks (a deadlocked process, a stuck GPU)."""
+    peer_timeout_s: float = 60.0
+    """A rank whose heartbeat (sent every few seconds from a daemon thread, through the launcher's store) stops for
+    this long is declared lost: every other rank prints which rank and host it was and exits with status 3, instead
+    of waiting in a collective until `timeout_minutes`. 0 switches the heartbeat off."""
+    backend: BackendName = BackendName.AUTO
+    """The backend the launch will set up, when known in advance ("fsdp", "deepspeed_zero3", ...), so that options it
+    cannot take (an int8 base under FSDP / ZeRO-3) are refused when the config is read rather than after the model
+    is built. "auto": checked once the launcher's backend is known. The launcher (accelerate config) decides the
+    backend in every case."""
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        check(found, self.timeout_minutes > 0, "timeout_minutes", self.timeout_minutes, "> 0")
+        check(found, self.peer_timeout_s >= 0, "peer_timeout_s", self.peer_timeout_s, ">= 0 (0 = no heartbeat)")
+        return found
 # accelerate config keys that describe the launch (processes, machines, rendezvous): torchrun / srun own those.
 _LAUNCH_ONLY_KEYS = {
     "compute_environment", "debug", "distributed_type", "downcast_bf16", "machine_rank", "main_training_function",
@@ -63,9 +112,6 @@ def _requested(kind: str) -> bool:
 def _fsdp_on_cpu(accelerator) -> None:
     """accelerate only turns FSDP on for accelerator devices; on a CPU host (tests, CI) its state says MULTI_CPU.
     FSDP2 itself runs on CPU with gloo, so the state is switched to FSDP with the plugin built from the environment."""
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     state = accelerator.state
     if state.distributed_type != DistributedType.MULTI_CPU:
         return
@@ -88,8 +134,6 @@ def accelerate_config_env(path) -> dict[str, str]:
     machine rank, rendezvous) is left to torchrun or srun. A relative `deepspeed_config_file` is resolved against the
     working directory, then against the folder above the YAML's (the repository root for accelerate_configs/).
     """
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{ACCELERATE_CONFIG_ENV}={path}: no such accelerate config file")
@@ -129,17 +173,18 @@ def _resolve_next_to(value: Path, config_path: Path) -> str:
     return str(candidate if candidate.exists() else value)
 
 
+
+# --- the ranks of a run ------------------------------------------------------------------------------------------
+
+
 @dataclass
 class Dist:
-    accelerator: object  # accelerate.Accelerator
-    # Names of the optimizer's parameters, per param group, recorded by prepare(): checkpoints key optimizer state by
-    # these names, which do not depend on world size or backend.
-    param_group_names: list[list[str]] = field(default_factory=list)
+    """Rank information, collectives and agreed decisions of a run (one process or many)."""
 
-    # --- construction -------------------------------------------------------------------------------------------
+    accelerator: Accelerator
 
     @classmethod
-    def create(cls, mixed_precision: str | None = None, timeout_minutes: float = 30.0) -> Dist:
+    def create(cls, settings: DistConfig | None = None, mixed_precision: str | None = None) -> Dist:
         """The Accelerator for however the run was launched (python, accelerate launch, torchrun, srun).
 
         mixed_precision None takes the launcher's choice (the YAML's `mixed_precision`), else "no".
@@ -148,14 +193,12 @@ class Dist:
         first and FSDP is switched on explicitly. A requested backend that accelerate did not set up is an error,
         never a silent fall-back to unsharded training.
         """
+        settings = settings or DistConfig()
         config_file = os.environ.get(ACCELERATE_CONFIG_ENV)
         if config_file:
             for key, value in accelerate_config_env(config_file).items():
                 os.environ.setdefault(key, value)
-        from accelerate import Accelerator, PartialState
-        from accelerate.utils import InitProcessGroupKwargs
-
-        timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=settings.timeout_minutes))
         cpu_host = not torch.cuda.is_available()
         if _launched_distributed() and cpu_host:
             # DeepSpeed: naming the backend lets accelerate initialise deepspeed.comm on gloo. Others: cpu=True makes
@@ -166,6 +209,10 @@ class Dist:
             _fsdp_on_cpu(accelerator)
         dist = cls(accelerator)
         dist._check_requested_backend()
+        global _watchdog
+        if dist.world_size > 1 and settings.peer_timeout_s > 0 and _watchdog is None:  # one per process
+            _watchdog = PeerWatchdog.start_for(dist.rank, dist.world_size, settings.peer_timeout_s,
+                                               settings.timeout_minutes)
         return dist
 
     def _check_requested_backend(self) -> None:
@@ -180,6 +227,10 @@ class Dist:
         if kind == "FSDP" and int(getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)) != 2:
             raise ValueError("only FSDP2 is supported: set fsdp_version: 2 in the accelerate config "
                              "(accelerate_configs/fsdp_1node.yaml)")
+
+    def close(self) -> None:
+        """This rank is done: its peers stop watching its heartbeat (call at the end of a command)."""
+        stop_watching_peers()
 
     # --- who am I -------------------------------------------------------------------------------------------------
 
@@ -220,193 +271,6 @@ class Dist:
             return "ddp"
         return "single"
 
-    @property
-    def is_deepspeed(self) -> bool:
-        return self.backend.startswith("deepspeed")
-
-    @property
-    def is_sharded(self) -> bool:
-        """Parameters, gradients or optimizer state live in pieces across ranks (checkpoints gather them)."""
-        return self.backend in SHARDED_BACKENDS
-
-    # --- wrapping the model -------------------------------------------------------------------------------------
-
-    def prepare(self, policy: torch.nn.Module, optimizer, max_grad_norm: float | None = None):
-        """Wrap the policy and its optimizer for the backend; returns (model, optimizer).
-
-        The LR scheduler is deliberately not prepared: accelerate would step it once per process per call, and
-        DeepSpeed once per optimizer step, while the recipe steps it once per iteration. It keeps working on the
-        prepared optimizer because every backend keeps the same torch param groups (learning rates) underneath.
-        Under DeepSpeed the JSON's gradient_clipping comes from the run config (max_grad_norm).
-        """
-        names = {id(p): n for n, p in policy.named_parameters()}
-        self.param_group_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
-        if self.is_deepspeed:
-            self._configure_deepspeed(max_grad_norm)
-        return self.accelerator.prepare(policy, optimizer)
-
-    def _configure_deepspeed(self, max_grad_norm: float | None) -> None:
-        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
-        clipping = config.get("gradient_clipping", "auto")
-        if max_grad_norm is not None:
-            if clipping == "auto":
-                config["gradient_clipping"] = float(max_grad_norm)
-            elif not math.isclose(float(clipping), float(max_grad_norm)):
-                raise ValueError(f"the DeepSpeed config clips gradients at {clipping} but optim.max_grad_norm is "
-                                 f"{max_grad_norm}: set gradient_clipping to \"auto\" in the JSON")
-        accumulation = config.get("gradient_accumulation_steps", "auto")
-        if accumulation == "auto":
-            config["gradient_accumulation_steps"] = 1
-        elif int(accumulation) != 1:
-            raise ValueError("gradient_accumulation_steps must be 1 (or \"auto\") in the DeepSpeed config: the trainer "
-                             "accumulates micro-batches itself and normalises losses by the global token count")
-
-    # --- backward, clipping, step ---------------------------------------------------------------------------------
-
-    def no_sync(self, model, sync: bool):
-        """Context for one micro-batch's forward and backward: gradient reduction waits for the last (sync) one."""
-        if sync or self.world_size == 1 or self.is_deepspeed:  # DeepSpeed: the accumulation boundary in backward()
-            return contextlib.nullcontext()
-        return self.accelerator.no_sync(model)
-
-    def backward(self, model, loss: torch.Tensor, sync: bool = True) -> None:
-        """Backward of one micro-batch; `sync` marks the last micro-batch before an optimizer step.
-
-        DeepSpeed's engine is driven directly: accelerate's DeepSpeed backward would also take the optimizer step,
-        before the skip guard could decide.
-        """
-        if self.is_deepspeed:
-            model.set_gradient_accumulation_boundary(sync)
-            model.backward(loss, scale_wrt_gas=False)
-        else:
-            self.accelerator.backward(loss)
-
-    def clip_grad_norm(self, model, parameters, max_norm: float) -> float:
-        """The global gradient norm BEFORE clipping, then clipping to max_norm (DeepSpeed clips inside its step).
-
-        FSDP2 and DeepSpeed reduce the norm over all ranks; DDP gradients are already averaged. A non-finite value is
-        returned as is (inf or nan) for the guard.
-        """
-        if self.is_deepspeed:
-            return _deepspeed_grad_norm(model)
-        norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
-        if hasattr(norm, "full_tensor"):  # DTensor (FSDP2): a partial norm until reduced
-            norm = norm.full_tensor()
-        return float(norm)
-
-    def optimizer_step(self, model, optimizer) -> None:
-        if self.is_deepspeed:
-            model.step()  # clips to gradient_clipping, steps, zeroes the gradients
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def skip_step(self, model, optimizer) -> None:
-        """Drop the accumulated gradients: weights and optimizer state stay exactly as they are."""
-        if self.is_deepspeed:
-            _deepspeed_skip_step(model)
-        optimizer.zero_grad(set_to_none=True)
-
-    # --- rollout ------------------------------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def gathered_for_rollout(self, model):
-        """Full weights on every rank for a rollout or evaluation phase: gathered ONCE on entry, released on exit.
-
-        Under FSDP2 every shard unit is unsharded and kept so (no reshard after forward); under ZeRO-3 all parameters
-        are gathered and DeepSpeed's per-module fetch hooks are taken off. Forwards inside then make no collective
-        calls, so ranks may make different numbers of policy calls (episodes of different lengths) without hanging.
-        Every rank must enter together (the gather is a collective). Other backends: nothing to do.
-        """
-        backend = self.backend
-        if backend == "fsdp":
-            with _fsdp_unsharded(model):
-                yield
-        elif backend == "deepspeed_zero3":
-            with _zero3_gathered(model):
-                yield
-        else:
-            yield
-
-    # --- full (gathered) state for checkpoints --------------------------------------------------------------------
-
-    def full_trainable_state(self, policy: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """name -> full CPU tensor of every trainable parameter. A collective: every rank calls it, in the same order.
-
-        DeepSpeed: the fp32 master weights (what the optimizer updates), not the bf16 working copies.
-        """
-        self._resharded(policy)
-        out = {}
-        for name, param in policy.named_parameters():
-            if not param.requires_grad:
-                continue
-            if self.is_deepspeed:
-                from deepspeed.utils import safe_get_full_fp32_param
-
-                full = safe_get_full_fp32_param(param)
-            elif hasattr(param, "full_tensor"):
-                full = param.full_tensor()
-            else:
-                full = param
-            out[name] = full.detach().cpu().clone()  # a copy: later steps must not change what was taken
-        return out
-
-    def load_full_trainable_state(self, policy: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        """Write full tensors (the same on every rank) into the trainable parameters, whatever the sharding."""
-        self._resharded(policy)
-        params = dict(policy.named_parameters())
-        unknown = sorted(set(tensors) - set(params))
-        if unknown:
-            raise ValueError(f"checkpoint tensors this model does not have: {unknown[:10]}")
-        if self.backend == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            set_model_state_dict(policy, dict(tensors), options=StateDictOptions(full_state_dict=True, strict=False))
-            return
-        if self.is_deepspeed:
-            from deepspeed.utils import safe_set_full_fp32_param
-
-            gathered = _zero3_modifiable([params[n] for n in tensors]) if self.backend == "deepspeed_zero3" else \
-                contextlib.nullcontext()
-            with gathered, torch.no_grad():  # the working (module) copies; ZeRO-3 re-partitions them on exit
-                for name, value in tensors.items():
-                    params[name].data.copy_(value.to(params[name].dtype).view_as(params[name].data))
-            for name, value in tensors.items():  # the fp32 master copy the optimizer updates
-                safe_set_full_fp32_param(params[name], value.to(self.device, torch.float32))
-            return
-        with torch.no_grad():
-            for name, value in tensors.items():
-                params[name].copy_(value)
-
-    def full_optimizer_state(self, policy: torch.nn.Module, optimizer) -> dict:
-        """{"state": {name: {key: full tensor}}, "param_groups": [{..., "params": [names]}]}: the optimizer state keyed
-        by parameter name, independent of world size and backend. A collective; the result is complete on rank 0."""
-        if self.is_deepspeed:
-            return _deepspeed_optimizer_state(policy, optimizer, self.param_group_names)
-        self._resharded(policy)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=self.backend == "fsdp")
-        return get_optimizer_state_dict(policy, _torch_optimizer(optimizer), options=options)
-
-    def load_full_optimizer_state(self, policy: torch.nn.Module, optimizer, state: dict) -> None:
-        """Restore full_optimizer_state()'s dict (the same on every rank) into this backend's optimizer."""
-        if self.is_deepspeed:
-            _load_deepspeed_optimizer_state(policy, optimizer, state)
-            return
-        self._resharded(policy)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(policy, _torch_optimizer(optimizer), state,
-                                 options=StateDictOptions(full_state_dict=True))
-
-    def _resharded(self, policy) -> None:
-        """FSDP2 leaves the root unit unsharded after a forward without backward (evaluation): the module then shows
-        plain tensors instead of the optimizer's DTensors. Resharding is local (no collective) and idempotent."""
-        if self.backend == "fsdp":
-            for module in _fsdp_modules(policy):
-                module.reshard()
-
     # --- collectives ------------------------------------------------------------------------------------------------
 
     def _reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
@@ -442,6 +306,9 @@ class Dist:
                               torch_dist.ReduceOp.SUM)
         return {k: float(v) for k, v in zip(keys, values.tolist())}
 
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
     # --- agreed decisions -------------------------------------------------------------------------------------------
 
     def agreed_micro_batches(self, local_samples: int, micro_batch_size: int) -> int:
@@ -455,198 +322,165 @@ class Dist:
         Decided from globally reduced values: any rank seeing a non-finite norm, or the largest norm over ranks
         above skip_factor × max_grad_norm, skips the step everywhere.
         """
-        finite = math.isfinite(grad_norm)
-        any_nonfinite = self.any(not finite)
-        if any_nonfinite:
+        if self.any(not math.isfinite(grad_norm)):
             return "nonfinite_grad_norm"
-        largest = self.max(grad_norm)
-        if largest > skip_factor * max_grad_norm:
+        if self.max(grad_norm) > skip_factor * max_grad_norm:
             return "grad_norm_above_threshold"
         return None
 
-    def barrier(self) -> None:
-        self.accelerator.wait_for_everyone()
+
+# --- the watch on peer ranks ---------------------------------------------------------------------------------------
+
+_watchdog: PeerWatchdog | None = None  # this process's, while a multi-rank Dist is open
 
 
-# --- FSDP2 -----------------------------------------------------------------------------------------------------------
+def stop_watching_peers() -> None:
+    """This process is done with its run: tell the peers (they stop watching it) and end the watch."""
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.finish()
+        _watchdog = None
 
 
-def _fsdp_modules(model) -> list:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def _fsdp_param_groups(module) -> list:
-    state = module._get_fsdp_state()
-    groups = getattr(state, "_fsdp_param_groups", None)
-    if groups is None:  # torch < 2.12: one group per module
-        group = getattr(state, "_fsdp_param_group", None)
-        groups = [group] if group is not None else []
-    return list(groups)
+def wait_for_lost_peer() -> None:
+    """For a command that failed in a multi-rank run: if a peer rank was lost, the watch names it and ends the process
+    (within dist.peer_timeout_s); otherwise this returns and the command's own error is raised. One process: nothing
+    to wait for."""
+    if _watchdog is not None:
+        _watchdog.wait_for_verdict()
 
 
-@contextlib.contextmanager
-def _fsdp_unsharded(model):
-    modules = _fsdp_modules(model)
-    if not modules:
-        yield
-        return
-    root_state = modules[0]._get_fsdp_state()
-    if getattr(root_state, "_is_root", True) is None:
-        root_state._lazy_init()  # what the first forward would do: fixes the root's own reshard policy first
-    # set_reshard_after_forward is public; it has no getter, so the exact per-group setting is kept to restore it.
-    saved = [(group, group.post_forward_mesh_info) for m in modules for group in _fsdp_param_groups(m)]
+def _default_store_address() -> tuple[str, int] | None:
+    """Host and port of the TCP store the process group was set up with (torchrun's / accelerate's rendezvous)."""
     try:
-        for module in modules:
-            module.set_reshard_after_forward(False, recurse=False)
-        for module in modules:
-            module.unshard()  # one all-gather per shard unit, the same order on every rank
-        yield
-    finally:
-        for module in modules:
-            module.reshard()
-        for group, info in saved:
-            group.post_forward_mesh_info = info
+        store = torch_dist.distributed_c10d._get_default_store()  # no public accessor; present since torch 1.x
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+    while hasattr(store, "underlying_store"):
+        store = store.underlying_store
+    if isinstance(store, torch_dist.TCPStore):
+        return store.host, store.port
+    return None
 
 
-# --- DeepSpeed -------------------------------------------------------------------------------------------------------
+class PeerWatchdog:
+    """Heartbeats of every rank through the launcher's TCP store, watched from a daemon thread.
 
+    Each rank writes an increasing counter under its own key every `interval_s` and reads everyone's counters in one
+    request. A peer whose counter has not moved for `timeout_s` (by this rank's clock: counters, not timestamps, so
+    node clocks need not agree) is reported by rank and host, and this process exits with PEER_LOST_EXIT_CODE: the
+    main thread may be blocked inside a collective that would otherwise wait until the collective timeout. A rank
+    that finishes normally writes "done" and is not watched any more. Losing the store itself means the node that
+    hosts it (rank 0's, where the launcher runs the store) is gone, and is reported as such.
 
-def _torch_optimizer(optimizer):
-    """The torch optimizer under accelerate's (and DeepSpeed's) wrappers."""
-    seen = 0
-    while hasattr(optimizer, "optimizer") and seen < 4:
-        optimizer = optimizer.optimizer
-        seen += 1
-    return optimizer
-
-
-def _zero_optimizer(engine):
-    return engine.optimizer
-
-
-def _deepspeed_grad_norm(engine) -> float:
-    """The global norm of the accumulated gradients, before DeepSpeed's step clips them (a collective)."""
-    from deepspeed.runtime.utils import combine_grad_norm_groups
-
-    optimizer = _zero_optimizer(engine)
-    if engine.zero_optimization_stage() == 3:
-        norm = combine_grad_norm_groups(optimizer._get_norm_groups())
-    else:
-        norm = optimizer.scaled_global_norm()
-    value = float(norm) / float(getattr(optimizer, "loss_scale", 1.0))
-    return value if math.isfinite(value) and value >= 0 else float("inf")  # DeepSpeed marks inf/nan as -1 or inf
-
-
-@contextlib.contextmanager
-def _instance_overrides(obj, **attributes):
-    missing = object()
-    previous = {name: obj.__dict__.get(name, missing) for name in attributes}
-    for name, value in attributes.items():
-        setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is missing:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, value)
-
-
-def _deepspeed_skip_step(engine) -> None:
-    """Take DeepSpeed's own overflow path for this step (gradients dropped, no update, engine.skipped_steps + 1).
-
-    The guard has already decided (identically on every rank); DeepSpeed is told it overflowed, which is the one way
-    its ZeRO optimizers discard accumulated gradient partitions without touching weights or optimizer state.
+    It uses a connection of its own to the store, so that a main thread blocked in a store request (NCCL's set-up
+    waiting for a dead rank) cannot hold it up.
     """
-    optimizer = _zero_optimizer(engine)
-    skipped_before = engine.skipped_steps
 
-    def overflowed(*args, **kwargs):
-        optimizer.overflow = True
-        return True
+    def __init__(self, store, rank: int, world_size: int, timeout_s: float, address: str,
+                 collective_timeout_minutes: float):
+        self.store, self.rank, self.world_size, self.timeout_s = store, rank, world_size, timeout_s
+        self.collective_timeout_minutes = collective_timeout_minutes
+        self.interval_s = max(0.5, min(5.0, timeout_s / 6))
+        self.address = address
+        self.prefix = f"trainer/heartbeat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._beats = 0
+        self._thread = threading.Thread(target=self._run, name="trainer-peer-watchdog", daemon=True)
 
-    if engine.zero_optimization_stage() == 3:
-        overrides = {"_overflow_check_and_loss_scale_update": overflowed}
-    else:
-        overrides = {"check_overflow": overflowed, "check_grad_overflow": True}
-    with _instance_overrides(optimizer, **overrides):
-        engine.step()
-    if engine.skipped_steps != skipped_before + 1:
-        raise RuntimeError("DeepSpeed applied an optimizer step that the guard skipped; this DeepSpeed version's "
-                           "ZeRO optimizer no longer takes the overflow path it is told to")
+    @classmethod
+    def start_for(cls, rank: int, world_size: int, timeout_s: float, collective_timeout_minutes: float):
+        address = _default_store_address()
+        if address is None:
+            print("trainer: the process group has no TCP store; peer heartbeats are off (a lost rank shows as a "
+                  "collective timeout)", file=sys.stderr)
+            return None
+        host, port = address
+        store = torch_dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
+                                    timeout=datetime.timedelta(seconds=max(30.0, timeout_s)))
+        watchdog = cls(store, rank, world_size, timeout_s, f"{host}:{port}", collective_timeout_minutes)
+        node = os.environ.get("GROUP_RANK", "?")
+        store.set(f"{watchdog.prefix}host/{rank}", f"host {socket.gethostname()}, node {node}")
+        watchdog._beat()
+        watchdog._thread.start()
+        return watchdog
+
+    def _key(self, rank: int) -> str:
+        return f"{self.prefix}beat/{rank}"
+
+    def _beat(self) -> None:
+        self._beats += 1
+        self.store.set(self._key(self.rank), str(self._beats))
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * self.interval_s + 5)
+        with contextlib.suppress(Exception):  # the store's host may have finished already: nobody left to tell
+            self.store.set(self._key(self.rank), "done")
+
+    def wait_for_verdict(self) -> None:
+        """Called when the main thread failed in a multi-rank run: give the watch time to name a lost peer (it then
+        ends the process itself); returns if none is lost, so that the original error is raised."""
+        if self._thread.is_alive():
+            self._lost.wait(self.timeout_s + 3 * self.interval_s)
+
+    def _run(self) -> None:
+        peers = [r for r in range(self.world_size) if r != self.rank]
+        keys = [self._key(r) for r in peers]
+        last = {r: (None, time.monotonic()) for r in peers}
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._beat()
+                if self.store.check(keys):
+                    values = self.store.multi_get(keys)
+                else:  # starting up: a rank that has not sent its first heartbeat yet has no key to read
+                    values = [self.store.get(key) if self.store.check([key]) else b"" for key in keys]
+            except Exception as error:  # noqa: BLE001 -- any failure to reach the store
+                if not self._stop.is_set():
+                    self._report(f"the launch's key-value store at {self.address} (run by the launcher on rank 0's "
+                                 f"node) cannot be reached ({error}): the node of rank 0 is down or unreachable")
+                return
+            now = time.monotonic()
+            lost = []
+            for rank, value in zip(peers, values):
+                if value == b"done":
+                    continue
+                if value != last[rank][0]:
+                    last[rank] = (value, now)
+                elif now - last[rank][1] > self.timeout_s:
+                    lost.append(rank)
+            if lost:
+                self._report(self._describe(lost, now - min(last[r][1] for r in lost)))
+                return
+
+    def _describe(self, lost: list[int], silent_s: float) -> str:
+        where = []
+        for rank in lost:
+            try:
+                where.append(f"rank {rank} ({self.store.get(f'{self.prefix}host/{rank}').decode()})")
+            except Exception:  # noqa: BLE001
+                where.append(f"rank {rank}")
+        return (f"{', '.join(where)} sent no heartbeat for {silent_s:.0f} s (dist.peer_timeout_s = "
+                f"{self.timeout_s:g}): its process died or its node is unreachable")
+
+    def _report(self, reason: str) -> None:
+        self._lost.set()
+        print(f"trainer: rank {self.rank} stops: {reason}. Not waiting in a collective until the "
+              f"{self.collective_timeout_minutes:g}-minute timeout (dist.timeout_minutes); start the run again to "
+              "resume from its last checkpoint.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(PEER_LOST_EXIT_CODE)
 
 
-@contextlib.contextmanager
-def _zero3_gathered(engine):
-    """All ZeRO-3 parameters gathered once, the per-module fetch/release hooks off, restored on exit."""
-    import deepspeed
-
-    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        for hook in offload.forward_hooks + offload.backward_hooks:
-            hook.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
-        try:
-            yield
-        finally:
-            offload._register_deepspeed_module(offload.module)
-
-
-@contextlib.contextmanager
-def _zero3_modifiable(params):
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-        yield
-
-
-def _deepspeed_optimizer_state(policy, optimizer, group_names: list[list[str]]) -> dict:
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    torch_optimizer = _torch_optimizer(optimizer)
-    flat_states = [s for s in torch_optimizer.state.values() if s]
-    step = next((s["step"] for s in flat_states if "step" in s), None)
-    keys = sorted({k for s in flat_states for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0})
-    state = {}
-    for name, param in policy.named_parameters():
-        if not param.requires_grad:
-            continue
-        entry = {key: safe_get_full_optimizer_state(param, key).detach().cpu().clone() for key in keys}
-        if step is not None:
-            entry["step"] = step.detach().cpu().clone() if torch.is_tensor(step) else torch.tensor(float(step))
-        state[name] = entry
-    groups = []
-    for index, group in enumerate(torch_optimizer.param_groups):
-        hyper = {k: v for k, v in group.items() if k != "params"}
-        groups.append({**hyper, "params": list(group_names[index]) if index < len(group_names) else []})
-    return {"state": state, "param_groups": groups}
-
-
-def _load_deepspeed_optimizer_state(policy, optimizer, saved: dict) -> None:
-    from deepspeed.utils import safe_set_full_optimizer_state
-
-    torch_optimizer = _torch_optimizer(optimizer)
-    params = dict(policy.named_parameters())
-    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in saved["state"])
-    if missing:
-        raise ValueError(f"the checkpoint's optimizer has no state for {missing[:10]}")
-    step = None
-    for name, entry in saved["state"].items():
-        for key, value in entry.items():
-            if key == "step":
-                step = value
-                continue
-            safe_set_full_optimizer_state(params[name], value.to(torch.float32), key)
-    if step is not None:
-        for flat_state in torch_optimizer.state.values():
-            if "step" in flat_state:
-                old = flat_state["step"]
-                flat_state["step"] = step.to(old.device, old.dtype).clone() if torch.is_tensor(old) else \
-                    type(old)(float(step))
-    for group, saved_group in zip(torch_optimizer.param_groups, saved["param_groups"]):
-        for key, value in saved_group.items():
-            if key != "params" and key in group:
-                group[key] = tuple(value) if isinstance(group[key], tuple) else value
+__all__ = [
+    "ACCELERATE_CONFIG_ENV",
+    "PEER_LOST_EXIT_CODE",
+    "BackendName",
+    "Dist",
+    "DistConfig",
+    "PeerWatchdog",
+    "accelerate_config_env",
+    "stop_watching_peers",
+    "wait_for_lost_peer",
+]

@@ -1,12 +1,12 @@
 """Evaluation with the LIBERO protocol: N trials per task on the benchmark's initial states 0..N-1, a per-task table,
-JSON, and optional videos. The same function evaluates inside training (greedy and sampled) and from the CLI:
+JSON, and optional videos. The same function evaluates inside training (greedy and sampled) and from the CLI
+(`python -m trainer eval`, in cli.py):
 
-    python -m trainer eval --model /ckpts/openvla-7b-finetuned-libero-spatial --suite libero_spatial --trials 50
+    python -m trainer eval --model.source /ckpts/openvla-7b-finetuned-libero-spatial --env.suite libero_spatial
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,61 +93,3 @@ def evaluate(policy, pool, items: list[WorkItem], dist, *, greedy: bool, tempera
                 name = f"task{episode.item.task_id}_init{episode.item.init_state_id}_{'success' if episode.success else 'failure'}.mp4"
                 write_video(episode.frames, video_dir / name, rotate_180=pool.info.image_pipeline == "libero")
     return report
-
-
-def main(args) -> int:
-    """`python -m trainer eval`: the LIBERO protocol on a checkpoint (or a tiny preset on the toy task)."""
-    from trainer.config import RunConfig, validate
-    from trainer.dist import Dist
-    from trainer.train import build_policy, make_env_pool
-
-    if args.run_dir:  # a training run: its config (model, LoRA) and its latest checkpoint
-        from trainer.checkpoint import latest_checkpoint, load_checkpoint
-        from trainer.config import load_config
-
-        config = load_config(["--config", str(Path(args.run_dir) / "config.yaml")])
-        checkpoint = latest_checkpoint(args.run_dir)
-        if checkpoint is None:
-            raise FileNotFoundError(f"no checkpoint in {args.run_dir}/checkpoints")
-    else:
-        config, checkpoint = RunConfig(), None
-        config.model.source, config.model.family = args.model, args.family
-        config.lora.enabled = False
-    # With --run-dir, what the command line leaves out comes from the run's config (suite, step limit, norm key).
-    config.env.suite = args.suite or (config.env.suite if args.run_dir else "libero_spatial")
-    config.env.num_workers = args.num_workers
-    if args.max_steps is not None or not args.run_dir:
-        config.env.max_steps = args.max_steps
-    if args.unnorm_key is not None or not args.run_dir:
-        config.env.unnorm_key = args.unnorm_key
-    config.model.use_l1_head_for_eval = args.l1_head
-    validate(config)
-    dist = Dist.create()
-    policy = build_policy(config, dist)
-    if checkpoint is not None:
-        load_checkpoint(checkpoint, policy)
-    with make_env_pool(config, dist) as pool:
-        task_ids = args.task_ids or list(range(pool.info.num_tasks))
-        bad = [t for t in task_ids if not 0 <= t < pool.info.num_tasks]
-        if bad or args.trials < 1:
-            from trainer.config import ConfigError
-
-            raise ConfigError("invalid eval options:" + (f"\n  - --task-ids {bad} are not tasks of {config.env.suite} "
-                                                          f"(0..{pool.info.num_tasks - 1})" if bad else "")
-                              + (f"\n  - --trials = {args.trials}; expected >= 1" if args.trials < 1 else ""))
-        items = protocol_items(task_ids, args.trials, list(pool.info.num_init_states))
-        results = {}
-        for greedy in {"greedy": [True], "sampled": [False], "both": [True, False]}[args.mode]:
-            report = evaluate(policy, pool, items, dist, greedy=greedy, temperature=args.temperature, seed=args.seed,
-                              use_l1_head=args.l1_head, video_dir=Path(args.videos_dir) if args.videos else None,
-                              videos=args.videos)
-            if dist.is_main:
-                print(report.table())
-            results[report.mode] = report.to_json()
-    if dist.is_main and args.output:
-        Path(args.output).write_text(json.dumps({
-            "model": args.model or config.model.source, "run_dir": args.run_dir,
-            "checkpoint": str(checkpoint) if checkpoint is not None else None, "suite": config.env.suite,
-            "trials_per_task": args.trials, "results": results}, indent=2))
-        print(f"results written to {args.output}")
-    return 0

@@ -10,7 +10,25 @@ import json
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+
+@dataclass
+class LogConfig:
+    """Where a run's progress goes (rank 0 only). metrics.jsonl and config.yaml in output_dir are always written."""
+
+    wandb: bool = False
+    """Log to Weights & Biases; offline (under output_dir/wandb) when there is no WANDB_API_KEY. Never fatal."""
+    wandb_project: str = "vla-rl"
+    """wandb project name."""
+    wandb_run_name: str | None = None
+    """wandb run name (default: wandb's)."""
+    plots: bool = True
+    """Write output_dir/plots/success.png and loss.png at the end of the run."""
+    progress: bool = True
+    """Progress bars for rollouts and updates."""
+
 
 # The iteration table: one fixed set of columns (key, title, width), so that every row lines up under one header,
 # whether or not the iteration evaluated (its eval columns then show "-"). PPO adds the critic's columns.
@@ -271,6 +289,4 @@ def _format(value, width: int = 10) -> str:
 
 
 def _config_dict(config) -> dict:
-    from dataclasses import asdict
-
     return asdict(config)

@@ -12,44 +12,259 @@ Every iteration:
  4. PPO epochs over micro-batches (the same number on every rank), gradients accumulated, then the global gradient
     norm, the skip guard (decided identically on all ranks), clipping and one optimizer step;
  5. evaluation (greedy and sampled) every eval_every iterations, checkpoint every checkpoint_every, log every one.
+
+The library does the rest: build.py builds, engine.py holds the backend's model and optimizer, learner.py runs the
+objective over micro-batches, dist.py knows about ranks. The run config is defined first (every option documented);
+the algorithm follows.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import random
+import functools
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from trainer import algos
+from trainer.algos import PhaseSchedule
+from trainer.build import (
+    EnvConfig,
+    ModelConfig,
+    QuantConfig,
+    QuantMode,
+    build_optimizer,
+    build_policy,
+    init_states_per_task,
+    make_env_pool,
+    seed_everything,
+)
 from trainer.checkpoint import load_latest_checkpoint, save_checkpoint
-from trainer.config import RunConfig, dump
-from trainer.dist import Dist
-from trainer.envs import LIBERO_SUITES
+from trainer.config import Choice, check, dump, load
+from trainer.dist import BackendName, Dist, DistConfig
+from trainer.engine import Engine, OptimConfig, setup_engine
 from trainer.envs.seeding import iteration_seed
 from trainer.envs.sharding import WorkItem, build_work_items, sample_groups, shard_work_items
 from trainer.evaluate import evaluate, protocol_items
-from trainer.logging import RunLogger
-from trainer.models import EnvSettings, PolicyInputs, VLAPolicy, load_model_and_tokenizer
-from trainer.models.lora import (
-    LoraSettings,
-    apply_lora,
-    check_quantization,
-    format_breakdown,
-    int8_optimizer,
-    quantize_int8,
-    trainable_breakdown,
-)
+from trainer.learner import Batch, Counts, Learner, Samples
+from trainer.logging import LogConfig, RunLogger
+from trainer.models import VLAPolicy
+from trainer.models.lora import LoraSettings, check_quantization, format_breakdown, trainable_breakdown
 from trainer.rollout import Episode, collect_episodes
 
 EPISODE_SEED_STRIDE = 1_000_003  # separates env seeds of different iterations (items per iteration stay below it)
+
+
+# --- the run config: the sections this recipe owns, then all of them together ------------------------------------
+
+
+class AlgoName(Choice):
+    GRPO = "grpo"
+    PPO = "ppo"
+
+
+class Advantage(Choice):
+    RELATIVE = "relative"
+    ABSOLUTE = "absolute"
+
+
+ScaleRewards = Choice("ScaleRewards", {scale.upper(): scale for scale in algos.GRPO_SCALES}, module=__name__)
+LossType = Choice("LossType", {loss.upper(): loss for loss in algos.LOSS_TYPES}, module=__name__)
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO only: advantages from the rewards of each group of num_generations episodes."""
+
+    advantage: Advantage = Advantage.RELATIVE
+    """"relative": the reward minus its group's mean, divided by the std chosen by scale_rewards; "absolute": the
+    reward itself (no baseline)."""
+    scale_rewards: ScaleRewards = ScaleRewards.GROUP
+    """The std that divides relative advantages: "group" (each group's), "batch" (the whole iteration's) or "none"."""
+    dynamic_sampling: bool = True
+    """Drop groups whose rewards are all equal (all success or all failure): they carry no signal (DAPO)."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO only: a value head on the shared backbone and GAE."""
+
+    gamma: float = 0.99
+    """Discount per policy step."""
+    lam: float = 0.95
+    """GAE lambda (1 = Monte-Carlo returns minus the value, 0 = one-step TD error)."""
+    normalize_advantages: bool = True
+    """Whiten the GAE advantages, (A - mean) / std, with the mean and std of the whole global batch (all ranks), as
+    CleanRL, TRL, veRL and RL4VLA do. With a sparse success reward and a critic that starts near 0, raw advantages are
+    ~0 for every failed episode; centring gives failures a negative advantage. (GRPO's are normalised by their group.)"""
+    value_coef: float = 0.5
+    """Weight of the value loss in the total loss."""
+    value_clip: float | None = 0.2
+    """Clip of the value prediction's change from its rollout value (PPO2); null = plain 0.5 × MSE."""
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        check(found, 0 <= self.gamma <= 1, "gamma", self.gamma, "in [0, 1]")
+        check(found, 0 <= self.lam <= 1, "lam", self.lam, "in [0, 1]")
+        check(found, self.value_coef >= 0, "value_coef", self.value_coef, ">= 0")
+        check(found, self.value_clip is None or self.value_clip > 0, "value_clip", self.value_clip, "> 0 or null (off)")
+        return found
+
+
+@dataclass
+class AlgoConfig:
+    """The RL algorithm: the clipped objective both share, the update's batching, and each one's own options.
+    Names follow TRL's GRPOConfig where the meaning is the same (epsilon, epsilon_high, beta, loss_type)."""
+
+    name: AlgoName = AlgoName.GRPO
+    """"grpo" (group-relative advantages, `grpo` options) or "ppo" (value head + GAE, `ppo` options)."""
+    epsilon: float = 0.2
+    """PPO clip range below 1: the ratio is clipped at 1 - epsilon."""
+    epsilon_high: float = 0.28
+    """PPO clip range above 1: the ratio is clipped at 1 + epsilon_high (DAPO's clip-higher; = epsilon for plain
+    PPO)."""
+    log_ratio_clamp: float = 20.0
+    """|log ratio| bound before exp(): keeps a token whose probability moved enormously finite."""
+    advantage_clamp: float | None = None
+    """Clamp advantages to [-c, c]; null = off."""
+    loss_type: LossType = LossType.TOKEN_MEAN
+    """"token_mean": every executed action token of the global batch weighs the same (DAPO);
+    "seq_mean_token_mean": every policy step weighs the same (original GRPO)."""
+    beta: float = 0.0
+    """Weight of the KL to the reference (the base model with the adapters switched off); 0 = off."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (subtracted from the loss); 0 = off."""
+    ppo_epochs: int = 1
+    """Passes over each iteration's samples."""
+    num_mini_batches: int = 1
+    """Optimizer steps per epoch: the iteration's samples are split into this many mini-batches."""
+    micro_batch_size: int = 64
+    """Policy steps per forward/backward; a mini-batch's gradients accumulate over its micro-batches."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """GRPO's own options (read when name is "grpo")."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO's own options (read when name is "ppo")."""
+    phases: PhaseSchedule = field(default_factory=PhaseSchedule)
+    """Behaviour-cloning warm-up and epsilon-greedy hand-over before RL (algos/phases.py)."""
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        check(found, 0 <= self.epsilon < 1, "epsilon", self.epsilon, "in [0, 1)")
+        check(found, self.epsilon_high >= 0, "epsilon_high", self.epsilon_high, ">= 0")
+        check(found, self.log_ratio_clamp > 0, "log_ratio_clamp", self.log_ratio_clamp, "> 0")
+        check(found, self.advantage_clamp is None or self.advantage_clamp > 0, "advantage_clamp",
+              self.advantage_clamp, "> 0 or null (off)")
+        for name in ("beta", "entropy_coef"):
+            check(found, getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        for name in ("ppo_epochs", "num_mini_batches", "micro_batch_size"):
+            check(found, getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        return found
+
+
+@dataclass
+class RolloutConfig:
+    """How episodes are collected."""
+
+    num_generations: int = 8
+    """G: episodes per (task, initial state) group."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts, sampled evaluation and the update's log-probs."""
+    video_episodes: int = 0
+    """At each evaluation during training, record this many episodes of the greedy evaluation (rank 0's first ones)
+    as mp4 in output_dir/videos/iter-XXXXXX/; 0: none."""
+    merge_lora: bool = False
+    """Fold the LoRA adapters into the base weights for each rollout and evaluation (faster acting: no adapter GEMMs
+    per decoding step), then restore the base weights bit for bit. Costs a copy of every adapted weight while merged.
+    Single-process and DDP runs only (ignored, with a notice, under FSDP / DeepSpeed); a no-op on an int8 base."""
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        check(found, self.num_generations >= 1, "num_generations", self.num_generations, ">= 1")
+        check(found, self.temperature > 0, "temperature", self.temperature, "> 0")
+        check(found, self.video_episodes >= 0, "video_episodes", self.video_episodes, ">= 0")
+        return found
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, where its outputs go, how often it evaluates and saves."""
+
+    iterations: int = 100
+    """Iterations (rollout + update) to run, counting those of a resumed run."""
+    seed: int = 0
+    """Every random stream (model init, work items, env seeds, sampling, mini-batch order) derives from it."""
+    output_dir: str = "runs/default"
+    """config.yaml, metrics.jsonl, checkpoints/, plots/, videos/."""
+    eval_every: int = 10
+    """Evaluate (greedy and sampled) before training and every N iterations and at the end; 0 = never."""
+    eval_episodes_per_task: int = 16
+    """Evaluation trials per trained task (initial states 0..N-1, cycled)."""
+    checkpoint_every: int = 10
+    """Save every N iterations; 0 = only at the end. A SIGTERM / Ctrl-C always saves the last completed iteration."""
+    resume: bool = True
+    """Resume from output_dir's latest checkpoint when there is one."""
+    deterministic: bool = False
+    """torch's deterministic algorithms (slower; bit-identical resumes on GPU)."""
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        check(found, self.iterations >= 0, "iterations", self.iterations, ">= 0")
+        check(found, self.seed >= 0, "seed", self.seed, ">= 0 (every random stream is derived from it)")
+        check(found, self.eval_every >= 0, "eval_every", self.eval_every, ">= 0 (0 = no evaluation)")
+        check(found, self.eval_episodes_per_task >= 1, "eval_episodes_per_task", self.eval_episodes_per_task, ">= 1")
+        check(found, self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0 (0 = only at the end)")
+        return found
+
+
+@dataclass
+class RunConfig:
+    """Everything a run reads; each section is defined (and documented) by the module that uses it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Which model and how it runs (build.py)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (models/lora.py)."""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    """int8 base and 8-bit optimizer (build.py)."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Benchmark, tasks, env workers (build.py)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Episode collection (this recipe)."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """The RL algorithm (this recipe)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, schedule, gradient guard (engine.py)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop, outputs, evaluation and checkpoint cadence (this recipe)."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Collective timeout and the watch on peer ranks (dist.py)."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Console, wandb, plots (logging.py)."""
+
+    def problems(self) -> list[str]:
+        """Checks across sections (each section checks its own values)."""
+        found = []
+        if (self.algo.name == AlgoName.GRPO and self.algo.grpo.advantage == Advantage.RELATIVE
+                and self.rollout.num_generations < 2):
+            found.append("GRPO relative advantages need rollout.num_generations >= 2 (a group of one has no baseline)")
+        if self.quant.mode == QuantMode.INT8 and self.dist.backend in (BackendName.FSDP, BackendName.DEEPSPEED_ZERO3):
+            try:
+                check_quantization(self.quant.mode, self.dist.backend)
+            except ValueError as error:
+                found.append(str(error))
+        return found
+
+
+def load_config(args: list[str]) -> RunConfig:
+    """`--config FILE` (YAML) then `--section.key value` overrides, validated."""
+    return load(RunConfig, args)
+
+
+def build_run_policy(config: RunConfig, dist: Dist) -> VLAPolicy:
+    return build_policy(config.model, config.lora, config.quant, config.env, dist,
+                        value_head=config.algo.name == AlgoName.PPO, seed=config.train.seed)
 
 
 # --- state that a checkpoint carries -------------------------------------------------------------------------------
@@ -62,6 +277,11 @@ class TrainState:
     skip_reasons: dict[str, int] = field(default_factory=dict)
     env_errors: int = 0
     best_eval_success: float = -1.0
+
+    def count_skips(self, reasons: list[str]) -> None:
+        for reason in reasons:
+            self.skipped_steps += 1
+            self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
 
 
 class StopRequested:
@@ -89,109 +309,7 @@ class StopRequested:
         return self.requested
 
 
-# --- set-up ----------------------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-
-def env_settings(config: RunConfig) -> EnvSettings:
-    if config.env.suite == "toy":
-        return EnvSettings(image_pipeline="none", binarize_gripper=False, unnorm_key=config.env.unnorm_key or "toy")
-    # LIBERO and its benchmark stand-in: the LIBERO image pipeline and gripper convention
-    return EnvSettings(image_pipeline="libero", binarize_gripper=True, unnorm_key=config.env.unnorm_key or config.env.suite)
-
-
-def compute_dtype(config: RunConfig, dist: Dist) -> torch.dtype:
-    if config.model.dtype == "bf16" or (config.model.dtype == "auto" and dist.device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
-
-
-def build_policy(config: RunConfig, dist: Dist) -> VLAPolicy:
-    """Model (tiny preset or local checkpoint) -> optional int8 base -> LoRA -> policy with optional value head."""
-    check_quantization(config.quant.mode, dist.backend)
-    model, tokenizer = load_model_and_tokenizer(config.model.source, seed=config.train.seed,
-                                                dtype=compute_dtype(config, dist), family=config.model.family,
-                                                device=dist.device)
-    if config.quant.mode == "int8":
-        quantize_int8(model, dist.device)
-    if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if config.lora.enabled:
-        targets = config.lora.target_modules
-        lora = LoraSettings(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                            target_modules=targets if targets in ("all-linear", "llm-linear") else targets.split(","),
-                            include_lm_head=config.lora.include_lm_head,
-                            train_proprio_projector=config.lora.train_proprio_projector,
-                            train_action_head=config.lora.train_action_head)
-        model = apply_lora(model, lora)
-    policy = VLAPolicy(model, tokenizer, env_settings(config), value_head=config.algo.name == "ppo")
-    if policy.value_head is not None:
-        policy.value_head.to(torch.float32)
-    return policy.to(dist.device)
-
-
-def build_optimizer(config: RunConfig, policy: VLAPolicy):
-    value_params = [p for n, p in policy.named_parameters() if p.requires_grad and n.startswith("value_head")]
-    policy_params = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("value_head")]
-    if not policy_params:
-        raise ValueError("nothing to train: enable LoRA (lora.enabled) or a trainable head")
-    groups = [{"params": policy_params, "lr": config.optim.lr}]
-    if value_params:
-        groups.append({"params": value_params, "lr": config.optim.value_lr})
-    if config.quant.optimizer_8bit:
-        optimizer = int8_optimizer(groups, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-
-    def lr_scale(step: int) -> float:
-        warmup = config.optim.warmup_iterations
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if config.optim.scheduler == "cosine":
-            progress = (step - warmup) / max(config.train.iterations - warmup, 1)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
-
-
-def make_env_pool(config: RunConfig, dist: Dist, num_workers: int | None = None):
-    """This rank's env workers: subprocesses (crash-isolated) for LIBERO, in-process envs for the toy task."""
-    num_workers = num_workers or config.env.num_workers
-    env_kwargs = {} if config.env.max_steps is None else {"max_steps": config.env.max_steps}
-    if config.env.suite != "toy":
-        from trainer.envs.pool import EnvPool
-        from trainer.envs.render import choose_render_env, detect_gpu_count
-
-        render_env = {}
-        if config.env.suite in LIBERO_SUITES:
-            render_env = choose_render_env(os.environ, detect_gpu_count(), config.env.render_backend, dist.local_rank)
-        return EnvPool(config.env.suite, num_workers, env_kwargs, env_vars=render_env,
-                       step_timeout_s=config.env.step_timeout_s, reset_timeout_s=config.env.step_timeout_s)
-    from trainer.envs.inline import InlinePool
-
-    return InlinePool(config.env.suite, num_workers, env_kwargs)
-
-
 # --- 1. work items --------------------------------------------------------------------------------------------------
-
-
-def init_states_per_task(config: RunConfig, pool) -> list[int]:
-    """How many initial states of each task are trained on (0 for tasks left out)."""
-    task_ids = config.env.task_ids if config.env.task_ids is not None else range(pool.info.num_tasks)
-    bad = [t for t in task_ids if not 0 <= t < pool.info.num_tasks]
-    if bad:
-        raise ValueError(f"env.task_ids {bad} are not tasks of {config.env.suite} (0..{pool.info.num_tasks - 1})")
-    return [min(n, config.env.num_init_states) if t in set(task_ids) else 0
-            for t, n in enumerate(pool.info.num_init_states)]
 
 
 def iteration_items(config: RunConfig, counts: list[int], iteration: int) -> list[WorkItem]:
@@ -201,82 +319,35 @@ def iteration_items(config: RunConfig, counts: list[int], iteration: int) -> lis
     return build_work_items(groups, config.rollout.num_generations)
 
 
-# --- 2. rollout ------------------------------------------------------------------------------------------------------
-
-
-def merges_lora_for_rollout(config: RunConfig, dist: Dist) -> bool:
-    """Whether rollouts and evaluations act with LoRA merged into the base weights (rollout.merge_lora).
-
-    Only where every rank holds its parameters whole: one process or DDP. FSDP flattens and shards them, and
-    DeepSpeed's engine owns them (ZeRO-3 partitions them; ZeRO-2 is left out as well, untried), so merging in place
-    there would write into shards, not weights."""
-    return config.rollout.merge_lora and dist.backend in ("single", "ddp")
-
-
-def rollout_weights(config: RunConfig, policy: VLAPolicy, dist: Dist):
-    """Context for a rollout or evaluation: the adapters merged for its duration (restored bit for bit on exit, see
-    VLAPolicy.merged_adapters) when merges_lora_for_rollout, else the model as it is."""
-    return policy.merged_adapters() if merges_lora_for_rollout(config, dist) else nullcontext()
-
-
 # --- 3. advantages ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Samples:
-    """Policy steps to train on, flattened over episodes, with per-step targets."""
-
-    inputs: list[PolicyInputs] = field(default_factory=list)
-    token_ids: list[torch.Tensor] = field(default_factory=list)
-    old_log_probs: list[torch.Tensor] = field(default_factory=list)
-    token_masks: list[torch.Tensor] = field(default_factory=list)  # 1 for tokens of executed actions (Episode)
-    advantages: list[float] = field(default_factory=list)
-    returns: list[float] = field(default_factory=list)
-    old_values: list[float] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
-    def add_episode(self, episode: Episode, advantages, returns=None, behaviour_cloning: bool = False) -> None:
-        for t in range(episode.num_policy_steps):
-            self.inputs.append(episode.inputs[t])
-            self.token_ids.append(episode.token_ids[t])
-            self.old_log_probs.append(episode.log_probs[t])
-            # RL trains on sampled actions only (a hand-over's greedy steps are not the policy's draws); BC on all.
-            self.token_masks.append(episode.token_masks[t] if behaviour_cloning
-                                    else algos.rl_token_mask(episode.token_masks[t], episode.greedy[t]))
-            self.advantages.append(float(advantages[t]))
-            self.returns.append(float(returns[t]) if returns is not None else 0.0)
-            self.old_values.append(episode.values[t])
-
-
-def episode_advantages(config: RunConfig, episodes: list[Episode], dist: Dist, bc_phase: bool) -> tuple[Samples, dict]:
+def episode_advantages(algo: AlgoConfig, episodes: list[Episode], dist: Dist, bc_phase: bool) -> tuple[Samples, dict]:
     """Per-step advantages (GRPO: the episode's advantage on each of its steps; PPO: GAE), after filtering."""
     valid = [e for e in episodes if e.env_error is None and e.num_policy_steps > 0]
     samples = Samples()
-    metrics = {}
     if bc_phase:  # behaviour cloning towards the greedy tokens of successful episodes
         for episode in valid:
             if episode.success:
                 samples.add_episode(episode, [1.0] * episode.num_policy_steps, behaviour_cloning=True)
-        return samples, metrics
-    if config.algo.name == "ppo":
+        return samples, {}
+    if algo.name == AlgoName.PPO:
         for episode in valid:
             rewards = torch.tensor(episode.rewards)[None]
             values = torch.tensor(episode.values)[None]
             dones = torch.zeros_like(rewards)
             dones[0, -1] = 1.0  # success and the step limit both end the task: no bootstrap beyond the last step
-            advantages, returns = algos.gae(rewards, values, dones, config.algo.gamma, config.algo.lam)
+            advantages, returns = algos.gae(rewards, values, dones, algo.ppo.gamma, algo.ppo.lam)
             samples.add_episode(episode, advantages[0].tolist(), returns[0].tolist())
         # Statistics of the GLOBAL batch (one all-reduce): advantage normalisation and the rollout critic's quality.
         advantages, returns = torch.tensor(samples.advantages), torch.tensor(samples.returns)
         sums = dist.sum_metrics({**algos.moment_sums(advantages, "advantage/"), **algos.moment_sums(returns, "return/"),
                                  **algos.moment_sums(returns - torch.tensor(samples.old_values), "residual/")})
-        if config.algo.normalize_advantages:
+        if algo.ppo.normalize_advantages:
             mean, std = algos.mean_std_from_sums(sums, "advantage/")
             samples.advantages = algos.normalize_advantages(advantages, mean, std).tolist()
-        metrics.update(algos.critic_diagnostics(algos.mean_std_from_sums(sums, "return/"),
-                                                algos.mean_std_from_sums(sums, "residual/")))
+        metrics = algos.critic_diagnostics(algos.mean_std_from_sums(sums, "return/"),
+                                           algos.mean_std_from_sums(sums, "residual/"))
         return samples, metrics
     # GRPO: group statistics over ALL ranks, keyed by group id.
     local = [(e.group_id, e.reward) for e in valid]
@@ -284,179 +355,78 @@ def episode_advantages(config: RunConfig, episodes: list[Episode], dist: Dist, b
     offset = sum(dist.gather_objects([len(local)])[: dist.rank])
     group_ids = torch.tensor([g for g, _ in everyone], dtype=torch.long)
     rewards = torch.tensor([r for _, r in everyone], dtype=torch.float32)
-    if config.algo.advantage == "absolute":
+    if algo.grpo.advantage == Advantage.ABSOLUTE:
         advantages = algos.absolute_advantages(rewards)
     else:
-        advantages = algos.grpo_advantages(rewards, group_ids, scale=config.algo.scale_rewards)
-    keep = algos.dynamic_sampling_mask(rewards, group_ids) if config.algo.dynamic_sampling else torch.ones_like(
+        advantages = algos.grpo_advantages(rewards, group_ids, scale=str(algo.grpo.scale_rewards))
+    keep = algos.dynamic_sampling_mask(rewards, group_ids) if algo.grpo.dynamic_sampling else torch.ones_like(
         rewards, dtype=torch.bool)
-    metrics["train/groups_kept_fraction"] = float(keep.float().mean()) if len(keep) else 0.0
+    metrics = {"train/groups_kept_fraction": float(keep.float().mean()) if len(keep) else 0.0}
     for i, episode in enumerate(valid):
         if keep[offset + i]:
             samples.add_episode(episode, [float(advantages[offset + i])] * episode.num_policy_steps)
     return samples, metrics
 
 
-# --- 4. update -------------------------------------------------------------------------------------------------------
+# --- 4. the objective ------------------------------------------------------------------------------------------------
 
 
-def _dummy_batch(policy: VLAPolicy, like: PolicyInputs | None) -> tuple[PolicyInputs, torch.Tensor]:
-    """A one-sample batch whose loss is multiplied by zero: keeps a rank's collective calls in step with the others."""
-    config = policy.config
-    if like is None:
-        size = config.image_size
-        like = PolicyInputs(torch.zeros(1, config.num_images, size, size, 3, dtype=torch.uint8),
-                            torch.full((1, 1), config.trainer.space_token_id), torch.ones(1, 1, dtype=torch.long),
-                            torch.zeros(1, 8) if config.is_oft and config.trainer.oft.use_proprio else None)
-    tokens = policy.action_tokenizer.local_to_token_ids(torch.zeros(1, policy.base_model.num_action_slots,
-                                                                    dtype=torch.long))
-    return like, tokens
+def objective(algo: AlgoConfig, policy: VLAPolicy, model, batch: Batch, counts: Counts, *, temperature: float,
+              bc_phase: bool) -> tuple[torch.Tensor, dict]:
+    """The loss of one micro-batch, to minimise, and its diagnostics.
 
-
-def update_policy(config: RunConfig, policy: VLAPolicy, model, optimizer, samples: Samples, dist: Dist,
-                  iteration: int, bc_phase: bool, state: TrainState, progress=None, any_inputs=None) -> dict:
-    """PPO epochs (or behaviour cloning): each epoch is split into `num_mini_batches` guarded optimizer steps, each
-    accumulated over micro-batches. Every rank runs the same number of mini- and micro-batches."""
-    algo = config.algo
-    global_samples = dist.sum(len(samples))
-    metrics: dict[str, float] = {"train/samples": global_samples}
-    if global_samples == 0:
-        metrics["train/update_skipped_no_samples"] = 1.0
-        return metrics
-    generator = torch.Generator().manual_seed(iteration_seed(config.train.seed, iteration) + dist.rank)
-    totals: dict[str, float] = {}
-    for epoch in range(algo.ppo_epochs):
-        order = torch.randperm(len(samples), generator=generator).tolist()
-        for mini_batch in np.array_split(np.array(order, dtype=np.int64), algo.num_mini_batches):
-            mini_batch = mini_batch.tolist()
-            # Losses are local sums divided by the mini-batch's GLOBAL token count over the world size: DDP / FSDP
-            # average gradients over ranks, so the result is the exact token mean of the global mini-batch.
-            mini_global = dist.sum(len(mini_batch))
-            if mini_global == 0:
-                continue
-            tokens_global = dist.sum(sum(float(samples.token_masks[i].sum()) for i in mini_batch))
-            count = dist.agreed_micro_batches(len(mini_batch), algo.micro_batch_size)
-            for step_index in range(count):
-                indices = mini_batch[step_index * algo.micro_batch_size:(step_index + 1) * algo.micro_batch_size]
-                sync = step_index == count - 1
-                with dist.no_sync(model, sync):  # gradients are reduced once, in the last micro-batch's backward
-                    loss, parts = _micro_batch_loss(config, policy, model, samples, indices, mini_global / dist.world_size,
-                                                    tokens_global / dist.world_size, bc_phase, any_inputs)
-                    dist.backward(model, loss * (1.0 if indices else 0.0), sync=sync)
-                if indices:
-                    totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-                    for key, value in parts.items():
-                        totals[key] = totals.get(key, 0.0) + float(value) * len(indices)
-                    totals["_count"] = totals.get("_count", 0.0) + len(indices)
-                if progress is not None:
-                    progress.update(1)
-            metrics.update(_optimizer_step(config, policy, model, optimizer, dist, state))
-    # Global figures: every rank's sums (a rank may have had no samples at all), then the means.
-    merged: dict[str, float] = {}
-    for part in dist.gather_objects([totals]):
-        for key, value in part.items():
-            merged[key] = merged.get(key, 0.0) + value
-    count = max(merged.pop("_count", 0.0), 1.0)
-    optimizer_steps = algo.ppo_epochs * algo.num_mini_batches
-    for key, value in merged.items():  # each rank's loss is its share of the global mean, times the world size
-        metrics[f"train/{key}"] = value / (optimizer_steps * dist.world_size if key == "loss" else count)
-    return metrics
-
-
-def _micro_batch_loss(config: RunConfig, policy: VLAPolicy, model, samples: Samples, indices: list[int],
-                      sequences_denominator: float, tokens_denominator: float, bc_phase: bool,
-                      any_inputs) -> tuple[torch.Tensor, dict]:
-    """The loss of one micro-batch (an empty one is a zero-weight dummy that keeps collectives in step). The
-    denominators are the mini-batch's global sequence and executed-token counts over the world size."""
-    algo = config.algo
-    if indices:
-        inputs = PolicyInputs.collate([samples.inputs[i] for i in indices], policy.config.pad_token_id)
-        token_ids = torch.stack([samples.token_ids[i] for i in indices])
-    else:
-        inputs, token_ids = _dummy_batch(policy, any_inputs)
-    evaluated = policy.evaluate(inputs, token_ids, temperature=config.rollout.temperature, model=model)
-    targets = _targets(samples, indices, evaluated)
-    mask = targets["token_mask"]
+    Warm-up: cross-entropy towards the rollout's greedy tokens. RL: PPO's clipped surrogate with an asymmetric clip
+    (DAPO), minus the entropy bonus, plus beta × KL to the reference, plus the clipped value loss when there is a
+    value head (PPO). Token terms are divided by the mini-batch's executed-token count, per-step terms by its step
+    count (`counts`: global, over the world size; see learner.py)."""
+    new = policy.evaluate(batch.inputs, batch.token_ids, temperature=temperature, model=model)
+    mask = batch.token_mask
     if bc_phase:
-        local_ids = policy.action_tokenizer.token_ids_to_local(token_ids.to(evaluated.logits.device))
-        return algos.behaviour_cloning_loss(evaluated.logits, local_ids, mask, num_tokens_global=tokens_denominator)
-    loss, parts = algos.ppo_clip_loss(
-        evaluated.log_probs, targets["old_log_probs"], targets["advantages"], mask, epsilon=algo.epsilon,
+        targets = policy.action_tokenizer.token_ids_to_local(batch.token_ids.to(new.logits.device))
+        return algos.behaviour_cloning_loss(new.logits, targets, mask, num_tokens_global=counts.tokens)
+    per_step = algo.loss_type == LossType.SEQ_MEAN_TOKEN_MEAN
+    loss, diagnostics = algos.ppo_clip_loss(
+        new.log_probs, batch.old_log_probs, batch.advantages, mask, epsilon=algo.epsilon,
         epsilon_high=algo.epsilon_high, log_ratio_clamp=algo.log_ratio_clamp, advantage_clamp=algo.advantage_clamp,
-        loss_type=algo.loss_type, **({"num_tokens_global": tokens_denominator} if algo.loss_type == "token_mean"
-                                     else {"num_sequences_global": sequences_denominator}))
-    parts["entropy"] = algos.masked_mean(evaluated.entropy.detach(), mask)
+        loss_type=str(algo.loss_type), num_tokens_global=None if per_step else counts.tokens,
+        num_sequences_global=counts.sequences if per_step else None)
+    diagnostics["entropy"] = algos.masked_mean(new.entropy.detach(), mask)
     if algo.entropy_coef > 0:
-        entropy, _ = algos.entropy_bonus(evaluated.entropy, mask, num_tokens_global=tokens_denominator)
+        entropy, _ = algos.entropy_bonus(new.entropy, mask, num_tokens_global=counts.tokens)
         loss = loss - algo.entropy_coef * entropy
     if algo.beta > 0:  # KL to the reference: the same model with the LoRA adapters switched off
         with torch.no_grad(), policy.vla.disable_adapter():
-            reference = policy.evaluate(inputs, token_ids, temperature=config.rollout.temperature, model=model)
-        kl, kl_parts = algos.kl_to_reference(evaluated.log_probs, reference.log_probs, mask,
-                                             num_tokens_global=tokens_denominator)
+            reference = policy.evaluate(batch.inputs, batch.token_ids, temperature=temperature, model=model)
+        kl, kl_diagnostics = algos.kl_to_reference(new.log_probs, reference.log_probs, mask,
+                                                   num_tokens_global=counts.tokens)
         loss = loss + algo.beta * kl
-        parts.update(kl_parts)
-    if evaluated.values is not None:
-        v_loss, v_parts = algos.value_loss(evaluated.values, targets["old_values"], targets["returns"],
-                                           clip_range=algo.value_clip, num_values_global=sequences_denominator)
-        loss = loss + algo.value_coef * v_loss
-        parts["value_loss"] = 0.5 * ((evaluated.values.detach() - targets["returns"]) ** 2).mean()
-        parts["explained_variance"] = algos.explained_variance(evaluated.values.detach(), targets["returns"])
-        parts.update(v_parts)
-    return loss, parts
-
-
-def _targets(samples: Samples, indices: list[int], evaluated) -> dict[str, torch.Tensor]:
-    """Rollout-time quantities of a micro-batch; a zero-weight (padding) batch gets neutral ones."""
-    device = evaluated.log_probs.device
-    if not indices:
-        zeros = torch.zeros(evaluated.log_probs.shape[0], device=device)
-        return {"old_log_probs": evaluated.log_probs.detach(), "advantages": zeros, "returns": zeros,
-                "old_values": zeros, "token_mask": torch.ones_like(evaluated.log_probs)}
-    return {
-        "old_log_probs": torch.stack([samples.old_log_probs[i] for i in indices]).to(device),
-        "token_mask": torch.stack([samples.token_masks[i] for i in indices]).to(device),
-        "advantages": torch.tensor([samples.advantages[i] for i in indices], device=device),
-        "returns": torch.tensor([samples.returns[i] for i in indices], device=device),
-        "old_values": torch.tensor([samples.old_values[i] for i in indices], device=device),
-    }
-
-
-def _optimizer_step(config: RunConfig, policy, model, optimizer, dist: Dist, state: TrainState) -> dict:
-    """Global grad norm -> guard (same decision on every rank) -> clip -> step; every skip is counted with its reason."""
-    params = [p for p in policy.parameters() if p.requires_grad]
-    # Global norm before clipping (FSDP2 / DeepSpeed reduce it over ranks; DeepSpeed clips inside its own step).
-    grad_norm = dist.clip_grad_norm(model, params, config.optim.max_grad_norm)
-    reason = dist.skip_decision(grad_norm, config.optim.max_grad_norm, config.optim.skip_factor)
-    metrics = {"train/grad_norm": grad_norm, "train/step_skipped": 0.0}
-    if reason is not None:
-        state.skipped_steps += 1
-        state.skip_reasons[reason] = state.skip_reasons.get(reason, 0) + 1
-        metrics["train/step_skipped"] = 1.0
-        metrics[f"guard/{reason}"] = 1.0
-        dist.skip_step(model, optimizer)  # gradients dropped; weights and optimizer state untouched
-    else:
-        if grad_norm > config.optim.warn_factor * config.optim.max_grad_norm:
-            metrics["guard/grad_norm_warning"] = 1.0
-        dist.optimizer_step(model, optimizer)
-    metrics["guard/skipped_steps_total"] = float(state.skipped_steps)
-    return metrics
+        diagnostics.update(kl_diagnostics)
+    if new.values is not None:  # PPO's critic
+        value_loss, value_diagnostics = algos.value_loss(new.values, batch.old_values, batch.returns,
+                                                         clip_range=algo.ppo.value_clip,
+                                                         num_values_global=counts.sequences)
+        loss = loss + algo.ppo.value_coef * value_loss
+        diagnostics["explained_variance"] = algos.explained_variance(new.values.detach(), batch.returns)
+        diagnostics.update(value_diagnostics)
+    return loss, diagnostics
 
 
 # --- 5. evaluation ---------------------------------------------------------------------------------------------------
 
 
-def evaluate_policy(config: RunConfig, policy, model, pool, dist: Dist, counts: list[int], iteration: int,
-                    stop=None) -> dict:
-    """Greedy and sampled success on a fixed set: eval_episodes_per_task trials of every trained task."""
+def evaluate_policy(config: RunConfig, engine: Engine, pool, counts: list[int], iteration: int, stop=None) -> dict:
+    """Greedy and sampled success on a fixed set: eval_episodes_per_task trials of every trained task; the first
+    rollout.video_episodes greedy episodes recorded in output_dir/videos/iter-XXXXXX/."""
     items = protocol_items([t for t, n in enumerate(counts) if n], config.train.eval_episodes_per_task, counts)
+    videos = Path(config.train.output_dir) / "videos" / f"iter-{iteration:06d}"
     metrics = {}
     for greedy in (True, False):
-        # FSDP / ZeRO-3: weights gathered once, not per forward; LoRA merged if rollout.merge_lora
-        with dist.gathered_for_rollout(model), rollout_weights(config, policy, dist):
-            report = evaluate(policy, pool, items, dist, greedy=greedy, temperature=config.rollout.temperature,
-                              seed=config.train.seed + 1 + iteration, model=model,
-                              use_l1_head=config.model.use_l1_head_for_eval, stop=stop)
+        recorded = config.rollout.video_episodes if greedy else 0
+        with engine.rollout_weights():  # gathered once (FSDP / ZeRO-3), LoRA merged (rollout.merge_lora)
+            report = evaluate(engine.policy, pool, items, engine.dist, greedy=greedy,
+                              temperature=config.rollout.temperature, seed=config.train.seed + 1 + iteration,
+                              model=engine.model, use_l1_head=config.model.use_l1_head_for_eval, stop=stop,
+                              video_dir=videos if recorded else None, videos=recorded)
         metrics[f"eval/{'greedy' if greedy else 'sampled'}_success_rate"] = report.success_rate
     return metrics
 
@@ -465,25 +435,26 @@ def evaluate_policy(config: RunConfig, policy, model, pool, dist: Dist, counts: 
 
 
 def train(config: RunConfig) -> dict:
-    dist = Dist.create()
+    dist = Dist.create(config.dist)
     seed_everything(config.train.seed, config.train.deterministic)
     output_dir = Path(config.train.output_dir)
     logger = RunLogger(config, dist, output_dir)
     logger.write_config(dump(config))
 
-    policy = build_policy(config, dist)
+    policy = build_run_policy(config, dist)
     logger.print("trainable parameters:\n" + format_breakdown(trainable_breakdown(policy)))
-    optimizer, scheduler = build_optimizer(config, policy)
-    # The scheduler is not prepared: it steps once per iteration, whatever the backend and world size (see Dist.prepare).
-    model, optimizer = dist.prepare(policy, optimizer, max_grad_norm=config.optim.max_grad_norm)
-    if config.rollout.merge_lora and not merges_lora_for_rollout(config, dist):
+    optimizer, scheduler = build_optimizer(config.optim, policy, config.train.iterations, config.quant.optimizer_8bit)
+    engine = setup_engine(dist, policy, optimizer, config.optim, merge_lora=config.rollout.merge_lora)
+    if config.rollout.merge_lora and not engine.merges_lora:
         logger.print(f"rollout.merge_lora is ignored with the {dist.backend} backend (single process or DDP only)")
+    learner = Learner(engine, epochs=config.algo.ppo_epochs, mini_batches=config.algo.num_mini_batches,
+                      micro_batch_size=config.algo.micro_batch_size, seed=config.train.seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the logged peak is training's, not the model build's
     state = TrainState()
     restored = None
     if config.train.resume:
-        restored = load_latest_checkpoint(output_dir, policy, optimizer, scheduler, dist)
+        restored = load_latest_checkpoint(output_dir, engine, scheduler)
         if restored is not None:
             state = TrainState(**restored)
             logger.truncate_after(state.iteration)
@@ -491,10 +462,8 @@ def train(config: RunConfig) -> dict:
     if restored is None:
         logger.truncate_after(-1)  # a fresh run into a used output_dir starts a fresh metrics.jsonl
 
-    schedule = algos.PhaseSchedule(config.algo.bc_warmup_iterations, config.algo.handover_iterations,
-                                   config.algo.epsilon_start)
-    pool = make_env_pool(config, dist)
-    counts = init_states_per_task(config, pool)
+    pool = make_env_pool(config.env, dist)
+    counts = init_states_per_task(config.env, pool)
     last_metrics: dict = {}
     with pool, StopRequested() as stop:
         # A signal may reach some ranks only: inside a rollout each rank stops on its own (no collectives there);
@@ -504,58 +473,59 @@ def train(config: RunConfig) -> dict:
 
         # The baseline evaluation, once per run: a run resumed from a checkpoint of iteration 0 has logged it already.
         if state.iteration == 0 and restored is None and config.train.eval_every > 0:
-            last_metrics = {"iteration": 0, **evaluate_policy(config, policy, model, pool, dist, counts, 0, stop)}
+            last_metrics = {"iteration": 0, **evaluate_policy(config, engine, pool, counts, 0, stop)}
             if not stop_agreed():  # a stop mid-evaluation leaves a partial one: not logged
                 logger.log(0, last_metrics)
         while state.iteration < config.train.iterations and not stop_agreed():
             iteration = state.iteration  # 0-based index of the iteration now running
             started = time.perf_counter()
-            phase = algos.phase_at(iteration, schedule)
+            phase = algos.phase_at(iteration, config.algo.phases)
             bc_phase = phase.name == algos.BC_WARMUP
 
             # 1-2. rollout on this rank's share of the items
             items = shard_work_items(iteration_items(config, counts, iteration), dist.rank, dist.world_size)
             policy.eval()
             with (logger.progress(f"rollout {iteration + 1}", total=len(items)) as bar,
-                  dist.gathered_for_rollout(model),  # FSDP / ZeRO-3: weights gathered once for the whole rollout
-                  rollout_weights(config, policy, dist)):  # LoRA merged into the base (rollout.merge_lora)
+                  engine.rollout_weights()):  # gathered once (FSDP / ZeRO-3), LoRA merged (rollout.merge_lora)
                 episodes, rollout_stats = collect_episodes(
-                    policy, pool, items, greedy_probability=phase.epsilon, temperature=config.rollout.temperature,
-                    run_seed=config.train.seed, rank=dist.rank, episode_offset=iteration * EPISODE_SEED_STRIDE,
-                    model=model, generator=torch.Generator().manual_seed(
-                        iteration_seed(config.train.seed, iteration) + 7919 * dist.rank),
+                    policy, pool, items, greedy_probability=phase.greedy_probability,
+                    temperature=config.rollout.temperature, run_seed=config.train.seed, rank=dist.rank,
+                    episode_offset=iteration * EPISODE_SEED_STRIDE, model=engine.model,
+                    generator=torch.Generator().manual_seed(iteration_seed(config.train.seed, iteration)
+                                                            + 7919 * dist.rank),
                     progress=bar, should_stop=stop)
             if stop_agreed():
                 break  # weights untouched this iteration: the checkpoint below resumes exactly here
 
             # 3. advantages (global group statistics), filtering
-            samples, advantage_metrics = episode_advantages(config, episodes, dist, bc_phase)
+            samples, advantage_metrics = episode_advantages(config.algo, episodes, dist, bc_phase)
 
-            # 4. update
+            # 4. update: the objective over PPO epochs and micro-batches, one guarded step per mini-batch
             policy.train()
-            any_inputs = next((e.inputs[0] for e in episodes if e.inputs), None)
+            loss_fn = functools.partial(objective, config.algo, policy, engine.model,
+                                        temperature=config.rollout.temperature, bc_phase=bc_phase)
             with logger.progress(f"update {iteration + 1}", total=None) as bar:
-                update_metrics = update_policy(config, policy, model, optimizer, samples, dist, iteration, bc_phase,
-                                               state, progress=bar, any_inputs=any_inputs)
+                update = learner.update(samples, loss_fn, iteration, progress=bar,
+                                        padding_inputs=next((e.inputs[0] for e in episodes if e.inputs), None))
+            state.count_skips(update.skip_reasons)
             lr = scheduler.get_last_lr()[0]  # the rate this iteration's update used (before the schedule moves on)
             scheduler.step()
             state.iteration += 1
 
             # 5. metrics, evaluation, checkpoint
             valid = [e for e in episodes if e.env_error is None]
-            errors = len(episodes) - len(valid)
             totals = dist.sum_metrics({
-                "success": sum(e.success for e in valid), "valid": len(valid), "env_errors": errors,
+                "success": sum(e.success for e in valid), "valid": len(valid), "env_errors": len(episodes) - len(valid),
                 "env_steps": rollout_stats.env_steps, "length": sum(e.length for e in valid)})
             state.env_errors += int(totals["env_errors"])
             metrics = {
-                "iteration": state.iteration, "phase": phase.name, "phase/epsilon": phase.epsilon,
+                "iteration": state.iteration, "phase": phase.name, "phase/greedy_probability": phase.greedy_probability,
                 "rollout/success_rate": totals["success"] / max(totals["valid"], 1),
                 "rollout/episodes": totals["valid"], "rollout/env_errors": totals["env_errors"],
                 "rollout/mean_length": totals["length"] / max(totals["valid"], 1),
                 "rollout/env_steps": totals["env_steps"], "lr": lr,
                 # Every line has the loss / grad-norm keys (null when no update ran: no samples) and the skip total.
-                **advantage_metrics, "train/loss": None, "train/grad_norm": None, **update_metrics,
+                **advantage_metrics, "train/loss": None, "train/grad_norm": None, **update.metrics,
                 "guard/skipped_steps_total": float(state.skipped_steps),
                 "time/rollout_seconds": rollout_stats.wall_seconds,
                 "time/policy_seconds": rollout_stats.policy_seconds,
@@ -563,7 +533,7 @@ def train(config: RunConfig) -> dict:
             }
             if config.train.eval_every > 0 and (state.iteration % config.train.eval_every == 0
                                                 or state.iteration == config.train.iterations):
-                eval_metrics = evaluate_policy(config, policy, model, pool, dist, counts, state.iteration, stop)
+                eval_metrics = evaluate_policy(config, engine, pool, counts, state.iteration, stop)
                 if not stop_agreed():  # a stop mid-evaluation leaves a partial one: not logged
                     metrics.update(eval_metrics)
             metrics["time/iteration_seconds"] = time.perf_counter() - started
@@ -573,13 +543,14 @@ def train(config: RunConfig) -> dict:
             logger.log(state.iteration, metrics)
             last_metrics = metrics
             if config.train.checkpoint_every > 0 and state.iteration % config.train.checkpoint_every == 0:
-                save_checkpoint(output_dir, policy, optimizer, scheduler, vars(state), dist, config)
+                save_checkpoint(output_dir, engine, scheduler, vars(state), dump(config))
         # Always leave a checkpoint of the last completed iteration (normal end, SIGTERM or Ctrl-C).
-        save_checkpoint(output_dir, policy, optimizer, scheduler, vars(state), dist, config)
+        save_checkpoint(output_dir, engine, scheduler, vars(state), dump(config))
         if stop():
             logger.print(f"stop requested: checkpoint of iteration {state.iteration} saved in {output_dir}; exiting")
     logger.finish()
+    dist.close()
     return last_metrics
 
 
-__all__ = ["TrainState", "build_policy", "train"]
+__all__ = ["AlgoConfig", "RunConfig", "TrainState", "build_run_policy", "load_config", "objective", "train"]

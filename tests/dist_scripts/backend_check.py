@@ -1,5 +1,5 @@
 """One backend, end to end on the tiny policy: sharding, a fixed update, the NaN guard, a checkpoint round trip and
-the collectives of a rollout. Launched by tests/test_distributed.py under torchrun (2 processes, gloo; the backend
+the collectives of a rollout, through the backend's engine (trainer.engine) as training sets it up. Launched by tests/test_distributed.py under torchrun (2 processes, gloo; the backend
 comes from TRAINER_ACCELERATE_CONFIG, none = DDP) or as one plain process (the single-process reference).
 
     python tests/dist_scripts/backend_check.py --out DIR --split 5,3 [--nan-rank 1]
@@ -22,17 +22,20 @@ from common import (
     flat_optimizer,
     max_abs_diff,
     rank_slice,
+    run_update,
     tiny_config,
+    tiny_engine,
     write_json,
 )
 from safetensors.torch import save_file
 
 from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.dist import Dist
+from trainer.dist import Dist, DistConfig
+from trainer.engine import Engine
 from trainer.envs.inline import InlinePool
 from trainer.envs.sharding import WorkItem
 from trainer.rollout import Episode, collect_episodes
-from trainer.train import TrainState, build_optimizer, build_policy, episode_advantages, update_policy
+from trainer.train import TrainState, episode_advantages
 
 # GRPO episodes of one iteration: 3 groups of 4. Group 0 is all successes (dropped by dynamic sampling), group 1 is
 # mixed and split over the two ranks (episodes 0-5 on rank 0, 6-11 on rank 1), group 2 has an env error (excluded).
@@ -66,10 +69,11 @@ def sharding_report(dist: Dist, policy) -> dict:
             "dtensor_params": dtensors, "shard_placed_params": placements, "zero3_partitioned_params": zero3_partitioned}
 
 
-def poison_local_gradients(dist: Dist, model, policy) -> None:
+def poison_local_gradients(engine: Engine) -> None:
     """A NaN in THIS rank's gradient storage only, after the gradient reduction (just before the norm)."""
-    if dist.is_deepspeed:
-        optimizer = model.optimizer
+    policy = engine.policy
+    if engine.dist.backend.startswith("deepspeed"):
+        optimizer = engine.model.optimizer
         for group in optimizer.averaged_gradients.values():
             for grad in group or []:
                 if grad is not None and grad.numel():
@@ -104,16 +108,17 @@ def grpo_episodes(samples, rank: int, world: int) -> list[Episode]:
     return episodes[:half] if rank == 0 else episodes[half:]
 
 
-def rollout_in_context(dist: Dist, policy, model, max_steps: int) -> dict:
-    """Toy-task episodes inside Dist.gathered_for_rollout, with the all-gathers counted. Unequal work: rank 0 runs
+def rollout_in_context(engine: Engine, max_steps: int) -> dict:
+    """Toy-task episodes inside Engine.rollout_weights, with the all-gathers counted. Unequal work: rank 0 runs
     3 episodes, the others 1, so the ranks make different numbers of policy calls."""
+    dist, policy, model = engine.dist, engine.policy, engine.model
     pool = InlinePool("toy", 2, {"max_steps": max_steps})
     items = [WorkItem(task_id=i % 3, init_state_id=0, sample_index=i, group_id=i)
              for i in range(3 if dist.rank == 0 else 1)]
     result = {}
 
     def run():
-        with dist.gathered_for_rollout(model):
+        with engine.rollout_weights():
             episodes, stats = collect_episodes(policy, pool, items, run_seed=5, rank=dist.rank, model=model,
                                                generator=torch.Generator().manual_seed(5 + dist.rank))
         result["policy_calls"] = stats.policy_calls
@@ -148,7 +153,7 @@ def main() -> None:
     started = time.perf_counter()
     torch.set_num_threads(1)
 
-    dist = Dist.create(timeout_minutes=3)  # a hang becomes an error naming the collective, not a silent wait
+    dist = Dist.create(DistConfig(timeout_minutes=3))  # a hang becomes an error naming the collective, not a wait
     rank, world = dist.rank, dist.world_size
     split = [int(x) for x in args.split.split(",")] if args.split else [GLOBAL_SAMPLES // world] * world
     if world == 1:
@@ -163,9 +168,8 @@ def main() -> None:
         clock[0] = now
 
     config = tiny_config()
-    policy = build_policy(config, dist)
-    optimizer, scheduler = build_optimizer(config, policy)
-    model, optimizer = dist.prepare(policy, optimizer, max_grad_norm=config.optim.max_grad_norm)
+    engine, scheduler = tiny_engine(config, dist)
+    policy, model = engine.policy, engine.model
     report["sharding"] = sharding_report(dist, policy)
     report["model_type"] = type(model).__name__
 
@@ -174,7 +178,7 @@ def main() -> None:
     state = TrainState()
 
     # 0. GRPO advantages from global group statistics (a group spans the two ranks)
-    grpo_samples, grpo_metrics = episode_advantages(config, grpo_episodes(everything, rank, world), dist,
+    grpo_samples, grpo_metrics = episode_advantages(config.algo, grpo_episodes(everything, rank, world), dist,
                                                     bc_phase=False)
     report["grpo"] = {"advantages": grpo_samples.advantages, "metrics": grpo_metrics,
                       "all_advantages": dist.gather_objects(grpo_samples.advantages)}
@@ -182,44 +186,46 @@ def main() -> None:
     phase("setup")
     # 1. one update on the fixed batch
     policy.train()
-    metrics = update_policy(config, policy, model, optimizer, local, dist, iteration=0, bc_phase=False, state=state,
-                            any_inputs=everything.inputs[0])
+    update = run_update(config, engine, local, iteration=0, padding_inputs=everything.inputs[0])
+    state.count_skips(update.skip_reasons)
+    metrics = update.metrics
     report["update"] = {"local_loss": metrics.get("train/loss", 0.0), "grad_norm": metrics["train/grad_norm"],
                         "global_loss": dist.sum(metrics.get("train/loss", 0.0)) / world,
                         "step_skipped": metrics["train/step_skipped"], "samples": metrics["train/samples"]}
-    after_step = dist.full_trainable_state(policy)
+    after_step = engine.trainable_state()
     report["after_step_checksum"] = float(sum(t.double().abs().sum() for t in after_step.values()))
     if dist.is_main:
         save_file(after_step, str(out / "after_step.safetensors"))
 
     phase("update")
     # 2. a NaN in one rank's gradients: the step is skipped everywhere and nothing moves
-    optimizer_before = flat_optimizer(dist.full_optimizer_state(policy, optimizer))
+    optimizer_before = flat_optimizer(engine.optimizer_state())
     nan_rank = min(args.nan_rank, world - 1)
-    plain_clip = dist.clip_grad_norm
+    plain_step = engine.step
 
-    def poisoned_clip(model_, params, max_norm):
+    def poisoned_step():  # the gradients are reduced; the step starts with their norm
         if dist.rank == nan_rank:
-            poison_local_gradients(dist, model_, policy)
-        return plain_clip(model_, params, max_norm)
+            poison_local_gradients(engine)
+        return plain_step()
 
-    plain_backward = dist.backward
+    plain_backward = engine.backward
 
-    def poisoned_backward(model_, loss, sync=True):
+    def poisoned_backward(loss, last):
         if dist.rank == nan_rank:
             loss = loss * float("nan")
-        return plain_backward(model_, loss, sync=sync)
+        return plain_backward(loss, last)
 
     if args.nan_via_loss:
-        dist.backward = poisoned_backward
+        engine.backward = poisoned_backward
     else:
-        dist.clip_grad_norm = poisoned_clip
+        engine.step = poisoned_step
     skipped_before = getattr(model, "skipped_steps", None)
-    metrics = update_policy(config, policy, model, optimizer, local, dist, iteration=1, bc_phase=False, state=state,
-                            any_inputs=everything.inputs[0])
-    dist.clip_grad_norm, dist.backward = plain_clip, plain_backward
-    after_skip = dist.full_trainable_state(policy)
-    optimizer_after = flat_optimizer(dist.full_optimizer_state(policy, optimizer))
+    update = run_update(config, engine, local, iteration=1, padding_inputs=everything.inputs[0])
+    state.count_skips(update.skip_reasons)
+    metrics = update.metrics
+    engine.step, engine.backward = plain_step, plain_backward
+    after_skip = engine.trainable_state()
+    optimizer_after = flat_optimizer(engine.optimizer_state())
     report["nan_step"] = {
         "poisoned_here": rank == nan_rank, "local_grad_norm": metrics["train/grad_norm"],
         "step_skipped": metrics["train/step_skipped"], "skipped_steps": state.skipped_steps,
@@ -231,9 +237,10 @@ def main() -> None:
 
     phase("nan_step")
     # 3. the next step is a normal one (the skip left no NaN behind)
-    metrics = update_policy(config, policy, model, optimizer, local, dist, iteration=2, bc_phase=False, state=state,
-                            any_inputs=everything.inputs[0])
-    after_next = dist.full_trainable_state(policy)
+    update = run_update(config, engine, local, iteration=2, padding_inputs=everything.inputs[0])
+    state.count_skips(update.skip_reasons)
+    metrics = update.metrics
+    after_next = engine.trainable_state()
     report["next_step"] = {"grad_norm": metrics["train/grad_norm"], "step_skipped": metrics["train/step_skipped"],
                            "weights_max_change": max_abs_diff(after_skip, after_next),
                            "all_finite": all(bool(torch.isfinite(t).all()) for t in after_next.values())}
@@ -241,15 +248,14 @@ def main() -> None:
     phase("next_step")
     # 4. checkpoint, move on, load it back: weights, optimizer state and outputs are restored exactly
     checkpoint_root = out / "ckpt"
-    saved_optimizer = flat_optimizer(dist.full_optimizer_state(policy, optimizer))
+    saved_optimizer = flat_optimizer(engine.optimizer_state())
     score_at_save = forward_score(policy, model, everything)
-    path = save_checkpoint(checkpoint_root, policy, optimizer, scheduler, {**vars(state), "iteration": 3}, dist)
-    update_policy(config, policy, model, optimizer, local, dist, iteration=3, bc_phase=False, state=state,
-                  any_inputs=everything.inputs[0])
-    moved = dist.full_trainable_state(policy)
-    load_checkpoint(path, policy, optimizer, scheduler, dist)
-    loaded = dist.full_trainable_state(policy)
-    loaded_optimizer = flat_optimizer(dist.full_optimizer_state(policy, optimizer))
+    path = save_checkpoint(checkpoint_root, engine, scheduler, {**vars(state), "iteration": 3})
+    state.count_skips(run_update(config, engine, local, iteration=3, padding_inputs=everything.inputs[0]).skip_reasons)
+    moved = engine.trainable_state()
+    load_checkpoint(path, engine, scheduler)
+    loaded = engine.trainable_state()
+    loaded_optimizer = flat_optimizer(engine.optimizer_state())
     if dist.is_main:  # references for the resume on another world size
         save_file(after_next, str(out / "at_save.safetensors"))
         save_file(saved_optimizer, str(out / "at_save_optimizer.safetensors"))
@@ -270,13 +276,13 @@ def main() -> None:
     report["gathers_without_context"] = {
         str(n): count_all_gathers(lambda n=n: [policy.act(inputs, model=model) for _ in range(n)]) for n in (1, 2)}
     phase("acts_without_context")
-    report["gathers_with_context"] = {str(steps): rollout_in_context(dist, policy, model, steps) for steps in (2, 6)}
+    report["gathers_with_context"] = {str(steps): rollout_in_context(engine, steps) for steps in (2, 6)}
     phase("rollouts")
     report["score_after_rollout"] = forward_score(policy, model, everything)  # the weights are resharded and intact
-    if args.foreign_checkpoint:  # e.g. a single process's checkpoint (optimizer.pt) into this backend
-        load_checkpoint(Path(args.foreign_checkpoint), policy, optimizer, scheduler, dist)
-        foreign = dist.full_trainable_state(policy)
-        foreign_optimizer = flat_optimizer(dist.full_optimizer_state(policy, optimizer))
+    if args.foreign_checkpoint:  # e.g. a single process's checkpoint into this backend
+        load_checkpoint(Path(args.foreign_checkpoint), engine, scheduler)
+        foreign = engine.trainable_state()
+        foreign_optimizer = flat_optimizer(engine.optimizer_state())
         if dist.is_main:
             save_file(foreign, str(out / "foreign_loaded.safetensors"))
             save_file(foreign_optimizer, str(out / "foreign_loaded_optimizer.safetensors"))
@@ -284,6 +290,7 @@ def main() -> None:
     dist.barrier()
     report["seconds"] = time.perf_counter() - started
     write_json(out / f"rank{rank}.json", report)
+    dist.close()
 
 
 if __name__ == "__main__":

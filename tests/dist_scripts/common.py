@@ -6,6 +6,7 @@ global batch from fixed seeds and keeps its own slice.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -17,9 +18,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from trainer.config import RunConfig
+from trainer.build import build_optimizer
+from trainer.dist import Dist
+from trainer.engine import Engine, setup_engine
 from trainer.envs.base import Observation
-from trainer.train import Samples
+from trainer.learner import Learner, Samples
+from trainer.train import RunConfig, build_run_policy, objective
 
 GLOBAL_SAMPLES = 8
 INSTRUCTIONS = ["move to the red target", "go to the blue one", "reach green", "x"]
@@ -42,6 +46,22 @@ def tiny_config(**overrides) -> RunConfig:
         section, name = key.split("__")
         setattr(getattr(config, section), name, value)
     return config
+
+
+def tiny_engine(config: RunConfig, dist: Dist) -> tuple[Engine, object]:
+    """Policy, optimizer and engine set up as train() sets them up; also the LR scheduler."""
+    policy = build_run_policy(config, dist)
+    optimizer, scheduler = build_optimizer(config.optim, policy, config.train.iterations, config.quant.optimizer_8bit)
+    return setup_engine(dist, policy, optimizer, config.optim), scheduler
+
+
+def run_update(config: RunConfig, engine: Engine, samples: Samples, iteration: int, padding_inputs=None):
+    """One training update (the recipe's objective through the Learner), as train() runs it."""
+    learner = Learner(engine, epochs=config.algo.ppo_epochs, mini_batches=config.algo.num_mini_batches,
+                      micro_batch_size=config.algo.micro_batch_size, seed=config.train.seed)
+    loss_fn = functools.partial(objective, config.algo, engine.policy, engine.model,
+                                temperature=config.rollout.temperature, bc_phase=False)
+    return learner.update(samples, loss_fn, iteration, padding_inputs=padding_inputs)
 
 
 def fixed_samples(policy) -> Samples:

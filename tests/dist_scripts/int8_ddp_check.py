@@ -11,11 +11,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import GLOBAL_SAMPLES, fixed_samples, rank_slice, tiny_config, write_json
+from common import GLOBAL_SAMPLES, fixed_samples, rank_slice, run_update, tiny_config, tiny_engine, write_json
 from safetensors.torch import save_file
 
 from trainer.dist import Dist
-from trainer.train import TrainState, build_optimizer, build_policy, update_policy
 
 
 def main() -> None:
@@ -27,13 +26,12 @@ def main() -> None:
     torch.manual_seed(0)
     dist = Dist.create(mixed_precision="no")
     config = tiny_config(quant__mode="int8", model__gradient_checkpointing=True, lora__target_modules="llm-linear")
-    policy = build_policy(config, dist)
-    optimizer, _ = build_optimizer(config, policy)
-    model, optimizer = dist.prepare(policy, optimizer, max_grad_norm=config.optim.max_grad_norm)
+    engine, _ = tiny_engine(config, dist)
+    policy = engine.policy
     split = [GLOBAL_SAMPLES // dist.world_size] * dist.world_size
     samples = rank_slice(fixed_samples(policy), split, dist.rank)
     policy.train()
-    metrics = update_policy(config, policy, model, optimizer, samples, dist, 0, False, TrainState())
+    metrics = run_update(config, engine, samples, 0).metrics
     trainable = {n: p.detach().clone().contiguous() for n, p in policy.named_parameters() if p.requires_grad}
     save_file(trainable, str(out / f"rank{dist.rank}.safetensors"))
     write_json(out / f"rank{dist.rank}.json", {

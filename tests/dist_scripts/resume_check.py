@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import fixed_samples, flat_optimizer, max_abs_diff, tiny_config, write_json
+from common import fixed_samples, flat_optimizer, max_abs_diff, run_update, tiny_config, tiny_engine, write_json
 from safetensors.torch import load_file
 
 from trainer.checkpoint import load_checkpoint
-from trainer.dist import Dist
-from trainer.train import TrainState, build_optimizer, build_policy, update_policy
+from trainer.dist import Dist, DistConfig
+from trainer.train import TrainState
 
 
 def main() -> None:
@@ -27,29 +27,25 @@ def main() -> None:
     parser.add_argument("runs", nargs="+")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dist = Dist.create(timeout_minutes=3)  # a hang becomes an error naming the collective, not a silent wait
+    dist = Dist.create(DistConfig(timeout_minutes=3))  # a hang becomes an error naming the collective, not a wait
     assert dist.world_size == 1
     results = {"backend": dist.backend}
     for run in map(Path, args.runs):
         started = time.perf_counter()
         config = tiny_config()
-        policy = build_policy(config, dist)
-        optimizer, scheduler = build_optimizer(config, policy)
-        model, optimizer = dist.prepare(policy, optimizer, max_grad_norm=config.optim.max_grad_norm)
-        state = TrainState(**load_checkpoint(run / "ckpt" / "checkpoints" / "iter-000003", policy, optimizer,
-                                             scheduler, dist))
-        loaded = dist.full_trainable_state(policy)
-        loaded_optimizer = flat_optimizer(dist.full_optimizer_state(policy, optimizer))
-        everything = fixed_samples(policy)
-        policy.train()
-        update_policy(config, policy, model, optimizer, everything, dist, iteration=3, bc_phase=False, state=state,
-                      any_inputs=everything.inputs[0])
+        engine, scheduler = tiny_engine(config, dist)
+        state = TrainState(**load_checkpoint(run / "ckpt" / "checkpoints" / "iter-000003", engine, scheduler))
+        loaded = engine.trainable_state()
+        loaded_optimizer = flat_optimizer(engine.optimizer_state())
+        everything = fixed_samples(engine.policy)
+        engine.policy.train()
+        run_update(config, engine, everything, iteration=3, padding_inputs=everything.inputs[0])
         results[run.name] = {
             "weights_max_diff": max_abs_diff(load_file(str(run / "at_save.safetensors")), loaded),
             "optimizer_max_diff": max_abs_diff(load_file(str(run / "at_save_optimizer.safetensors")), loaded_optimizer),
             "optimizer_entries": len(loaded_optimizer),
             "next_update_max_diff": max_abs_diff(load_file(str(run / "moved.safetensors")),
-                                                 dist.full_trainable_state(policy)),
+                                                 engine.trainable_state()),
             "iteration": state.iteration, "skip_reasons": state.skip_reasons,
             "seconds": time.perf_counter() - started,
         }

@@ -202,7 +202,8 @@ def value_loss(
 
     Returns:
         loss: 0-d tensor.
-        diagnostics: "value_clip_frac": fraction of active entries where the clipped error is the larger one
+        diagnostics: "value_loss": the loss above as a plain mean over this call's active entries (whatever the
+            denominator), and "value_clip_frac": fraction of active entries where the clipped error is the larger one
             (the clip binds and the entry gets no gradient).
     """
     if old_values.shape != values.shape or returns.shape != values.shape:
@@ -226,7 +227,7 @@ def value_loss(
         with torch.no_grad():
             value_clip_frac = masked_mean((v_loss_clipped > v_loss_unclipped).float(), keep)
     loss = 0.5 * masked_mean(v_loss_max, keep, denominator=num_values_global)
-    return loss, {"value_clip_frac": value_clip_frac}
+    return loss, {"value_loss": 0.5 * masked_mean(v_loss_max.detach(), keep), "value_clip_frac": value_clip_frac}
 
 
 @torch.no_grad()

@@ -1,15 +1,18 @@
 """Training phases: behaviour-cloning warm-up, then an epsilon-greedy hand-over, then RL.
 
-    iterations [0, W)          "bc_warmup": rollouts take the greedy (teacher) action at every step (epsilon = 1);
-                                            the update is `behaviour_cloning_loss` on those actions.
-    iterations [W, W + H)      "handover":  each env step takes the greedy action with probability epsilon, else the
-                                            sampled one; epsilon falls linearly from epsilon_start to 0 over H
+    iterations [0, W)          "bc_warmup": rollouts take the greedy (teacher) action at every step (greedy
+                                            probability 1); the update is `behaviour_cloning_loss` on those actions.
+    iterations [W, W + H)      "handover":  each env step takes the greedy action with the greedy probability, else
+                                            the sampled one; it falls linearly from handover_greedy_start to 0 over H
                                             iterations; the update is the RL loss.
-    iterations [W + H, ...)    "rl":        sampled actions only (epsilon = 0), RL loss.
+    iterations [W + H, ...)    "rl":        sampled actions only (greedy probability 0), RL loss.
 
 with W = bc_warmup_iterations and H = handover_iterations. Iterations count from 0. With W = H = 0 every iteration is
 RL. Why a hand-over at all: switching from the teacher's actions straight to the sampled policy drops success (and so
 the reward signal) abruptly; mixing the two lets the RL phase start from episodes that still succeed.
+
+The greedy probability is the "epsilon" of epsilon-greedy exploration; it is named for what it is here because the
+run config's `epsilon` is PPO's clip range (TRL's name).
 """
 
 from __future__ import annotations
@@ -23,45 +26,54 @@ RL = "rl"
 
 @dataclass(frozen=True)
 class PhaseSchedule:
-    """Step budgets of the phases (the same names as the `algo` section of the run config)."""
+    """Step budgets of the phases (the run config's `algo.phases` section). Validated on construction."""
 
     bc_warmup_iterations: int = 0
     """Iterations of behaviour-cloning warm-up on greedy / teacher actions (0 = none)."""
     handover_iterations: int = 0
-    """Iterations over which epsilon decays linearly from epsilon_start to 0 (0 = switch straight to RL)."""
-    epsilon_start: float = 1.0
+    """Iterations over which the greedy probability decays linearly from handover_greedy_start to 0 (0 = switch
+    straight to RL)."""
+    handover_greedy_start: float = 1.0
     """Probability that an env step takes the greedy action at the first hand-over iteration (1.0 = all greedy)."""
 
-    def __post_init__(self) -> None:
+    def problems(self) -> list[str]:
+        found = []
         for name in ("bc_warmup_iterations", "handover_iterations"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if not 0.0 <= self.epsilon_start <= 1.0:
-            raise ValueError(f"epsilon_start is a probability and must be in [0, 1], got {self.epsilon_start!r}")
+                found.append(f"{name} = {value!r}; expected an integer >= 0")
+        if not 0.0 <= self.handover_greedy_start <= 1.0:
+            found.append(f"handover_greedy_start = {self.handover_greedy_start!r}; expected a probability in [0, 1]")
+        return found
+
+    def __post_init__(self) -> None:
+        found = self.problems()
+        if found:
+            raise ValueError("; ".join(found))
 
 
 @dataclass(frozen=True)
 class Phase:
-    """The phase of one iteration: its name ("bc_warmup" | "handover" | "rl") and epsilon, the probability that an
-    env step takes the greedy action instead of the sampled one."""
+    """The phase of one iteration: its name ("bc_warmup" | "handover" | "rl") and greedy probability, the chance that
+    an env step takes the greedy action instead of the sampled one."""
 
     name: str
-    epsilon: float
+    greedy_probability: float
 
 
 def phase_at(iteration: int, schedule: PhaseSchedule) -> Phase:
-    """The phase and epsilon of a 0-based training iteration.
+    """The phase and greedy probability of a 0-based training iteration.
 
-    In the hand-over, epsilon = epsilon_start * (1 - k / H) at its k-th iteration (k = 0 .. H - 1): epsilon_start at
-    the first hand-over iteration, epsilon_start / H at the last, 0 from the first RL iteration on.
+    In the hand-over, the greedy probability is handover_greedy_start * (1 - k / H) at its k-th iteration
+    (k = 0 .. H - 1): handover_greedy_start at the first hand-over iteration, handover_greedy_start / H at the last,
+    0 from the first RL iteration on.
 
     Args:
         iteration: 0-based iteration index (a resumed run passes its restored counter).
         schedule: the step budgets.
 
     Returns:
-        Phase(name, epsilon).
+        Phase(name, greedy_probability).
     """
     if iteration < 0:
         raise ValueError(f"iteration must be >= 0, got {iteration}")
@@ -71,7 +83,7 @@ def phase_at(iteration: int, schedule: PhaseSchedule) -> Phase:
         return Phase(BC_WARMUP, 1.0)
     if iteration < handover_end:
         progress = (iteration - warmup_end) / schedule.handover_iterations
-        return Phase(HANDOVER, schedule.epsilon_start * (1.0 - progress))
+        return Phase(HANDOVER, schedule.handover_greedy_start * (1.0 - progress))
     return Phase(RL, 0.0)
 
 

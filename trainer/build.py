@@ -1,0 +1,217 @@
+"""Builders the recipe, the commands and the benchmark share: the policy, its optimizer, this rank's env workers,
+and the sections of the run config that describe them (model, quant, env).
+
+    policy = build_policy(config.model, config.lora, config.quant, config.env, dist, value_head=..., seed=...)
+    optimizer, scheduler = build_optimizer(config.optim, policy, iterations=config.train.iterations)
+    pool = make_env_pool(config.env, dist)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainer.config import Choice, check
+from trainer.dist import Dist
+from trainer.engine import OptimConfig, Scheduler
+from trainer.envs import LIBERO_SUITES, SUITES
+from trainer.envs.inline import InlinePool
+from trainer.envs.pool import EnvPool
+from trainer.envs.render import choose_render_env, detect_gpu_count
+from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
+from trainer.models.lora import QUANT_MODES, LoraSettings, apply_lora, check_quantization, int8_optimizer, quantize_int8
+
+# --- config sections -------------------------------------------------------------------------------------------------
+
+
+class Family(Choice):
+    OPENVLA = "openvla"
+    OFT = "oft"
+
+
+class Dtype(Choice):
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP32 = "fp32"
+
+
+QuantMode = Choice("QuantMode", {mode.upper(): mode for mode in QUANT_MODES}, module=__name__)
+Suite = Choice("Suite", {suite.upper(): suite for suite in SUITES}, module=__name__)
+
+
+class RenderBackend(Choice):
+    EGL = "egl"
+    OSMESA = "osmesa"
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how to run it."""
+
+    source: str = "tiny"
+    """"tiny" / "tiny-oft" (random init, seeded by train.seed), "random:<preset>" (full-size random weights, for
+    benchmarks), or a local checkpoint directory (config.json + safetensors, OpenVLA layout)."""
+    family: Family | None = None
+    """Force "oft" for released OpenVLA-OFT directories (their config.json does not say so); None: from config.json."""
+    dtype: Dtype = Dtype.AUTO
+    """Weights' dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward instead of keeping them (less memory, about a third more compute)."""
+    use_l1_head_for_eval: bool = False
+    """OFT: evaluate greedy actions with the L1 regression head instead of argmax tokens."""
+
+    def problems(self) -> list[str]:
+        if self.use_l1_head_for_eval and not (self.source.endswith("oft") or self.family == Family.OFT):
+            return ["use_l1_head_for_eval needs an OpenVLA-OFT model (model.source *-oft or model.family: oft)"]
+        return []
+
+
+@dataclass
+class QuantConfig:
+    """An LLM.int8 base and an 8-bit optimizer, for memory-limited GPUs."""
+
+    mode: QuantMode = QuantMode.NONE
+    """"none" or "int8": the language model's linear layers in LLM.int8 (bitsandbytes; the towers stay bf16).
+    One GPU or DDP only: FSDP and ZeRO-3 cannot shard int8 weights and are refused with the working alternatives."""
+    optimizer_8bit: bool = False
+    """bitsandbytes' 8-bit AdamW instead of torch's AdamW (optimizer state in 8 bits)."""
+
+
+@dataclass
+class EnvConfig:
+    """The benchmark, which of its tasks and initial states are trained on, and this rank's env workers."""
+
+    suite: Suite = Suite.TOY
+    """"toy" (built in, fast, for demos and tests), a LIBERO suite (libero_spatial, libero_object, libero_goal,
+    libero_10, libero_90) or "libero_standin" (LIBERO's shapes and step cost without a simulator: GPU benchmarks)."""
+    task_ids: list[int] | None = None
+    """Tasks to train on (default: all tasks of the suite)."""
+    num_init_states: int = 50
+    """Initial states used per task (the first N of the benchmark's 50)."""
+    groups_per_iteration: int = 32
+    """(task, initial state) groups rolled out per iteration, over all ranks; each group is rollout.num_generations
+    episodes."""
+    num_workers: int = 8
+    """Env worker processes per rank (LIBERO: about 2.5 GB of RAM each)."""
+    step_timeout_s: float = 120.0
+    """A worker that does not answer a reset or a step within this is killed and replaced; its episode is marked as
+    an env error (never a training signal)."""
+    max_steps: int | None = None
+    """Override the suite's step limit (LIBERO: 220/280/300/520/400)."""
+    render_backend: RenderBackend | None = None
+    """Force "egl" or "osmesa" (default: EGL on GPU hosts, OSMesa on CPU hosts)."""
+    unnorm_key: str | None = None
+    """norm_stats key for un-normalising actions (default: the suite name, then <suite>_no_noops)."""
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        for name in ("groups_per_iteration", "num_workers", "num_init_states"):
+            check(found, getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        check(found, self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, ">= 1 or null")
+        check(found, self.step_timeout_s > 0, "step_timeout_s", self.step_timeout_s, "> 0")
+        check(found, self.task_ids is None or all(i >= 0 for i in self.task_ids), "task_ids", self.task_ids,
+              "non-negative task indices")
+        return found
+
+
+# --- builders --------------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def env_settings(env: EnvConfig) -> EnvSettings:
+    if env.suite == Suite.TOY:
+        return EnvSettings(image_pipeline="none", binarize_gripper=False, unnorm_key=env.unnorm_key or "toy")
+    # LIBERO and its benchmark stand-in: the LIBERO image pipeline and gripper convention
+    return EnvSettings(image_pipeline="libero", binarize_gripper=True, unnorm_key=env.unnorm_key or str(env.suite))
+
+
+def compute_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
+    if model.dtype == Dtype.BF16 or (model.dtype == Dtype.AUTO and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_policy(model: ModelConfig, lora: LoraSettings, quant: QuantConfig, env: EnvConfig, dist: Dist, *,
+                 value_head: bool, seed: int) -> VLAPolicy:
+    """Model (tiny preset or local checkpoint) -> optional int8 base -> LoRA -> policy with optional value head."""
+    check_quantization(quant.mode, dist.backend)
+    vla, tokenizer = load_model_and_tokenizer(model.source, seed=seed, dtype=compute_dtype(model, dist.device),
+                                              family=model.family, device=dist.device)
+    if quant.mode == QuantMode.INT8:
+        quantize_int8(vla, dist.device)
+    if model.gradient_checkpointing:
+        vla.gradient_checkpointing_enable()
+    if lora.enabled:
+        vla = apply_lora(vla, lora)
+    policy = VLAPolicy(vla, tokenizer, env_settings(env), value_head=value_head)
+    if policy.value_head is not None:
+        policy.value_head.to(torch.float32)
+    return policy.to(dist.device)
+
+
+def build_optimizer(optim: OptimConfig, policy: VLAPolicy, iterations: int, optimizer_8bit: bool = False):
+    """AdamW over the trainable parameters (the value head in a group of its own, at optim.value_lr) and the
+    learning-rate schedule, stepped once per iteration."""
+    value_params = [p for n, p in policy.named_parameters() if p.requires_grad and n.startswith("value_head")]
+    policy_params = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("value_head")]
+    if not policy_params:
+        raise ValueError("nothing to train: enable LoRA (lora.enabled) or a trainable head")
+    groups = [{"params": policy_params, "lr": optim.lr}]
+    if value_params:
+        groups.append({"params": value_params, "lr": optim.value_lr})
+    if optimizer_8bit:
+        optimizer = int8_optimizer(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+    def lr_scale(step: int) -> float:
+        warmup = optim.warmup_iterations
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if optim.scheduler == Scheduler.COSINE:
+            progress = (step - warmup) / max(iterations - warmup, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
+
+
+def make_env_pool(env: EnvConfig, dist: Dist, num_workers: int | None = None):
+    """This rank's env workers: subprocesses (crash-isolated) for LIBERO, in-process envs for the toy task."""
+    num_workers = num_workers or env.num_workers
+    env_kwargs = {} if env.max_steps is None else {"max_steps": env.max_steps}
+    if env.suite == Suite.TOY:
+        return InlinePool(str(env.suite), num_workers, env_kwargs)
+    render_env = {}
+    if env.suite in LIBERO_SUITES:
+        render_env = choose_render_env(os.environ, detect_gpu_count(), env.render_backend, dist.local_rank)
+    return EnvPool(str(env.suite), num_workers, env_kwargs, env_vars=render_env,
+                   step_timeout_s=env.step_timeout_s, reset_timeout_s=env.step_timeout_s)
+
+
+def init_states_per_task(env: EnvConfig, pool) -> list[int]:
+    """How many initial states of each task are trained on (0 for tasks left out)."""
+    task_ids = env.task_ids if env.task_ids is not None else range(pool.info.num_tasks)
+    bad = [t for t in task_ids if not 0 <= t < pool.info.num_tasks]
+    if bad:
+        raise ValueError(f"env.task_ids {bad} are not tasks of {env.suite} (0..{pool.info.num_tasks - 1})")
+    return [min(n, env.num_init_states) if t in set(task_ids) else 0
+            for t, n in enumerate(pool.info.num_init_states)]
+
+
+__all__ = ["Dtype", "EnvConfig", "Family", "ModelConfig", "QuantConfig", "QuantMode", "RenderBackend", "Suite",
+           "build_optimizer", "build_policy", "compute_dtype", "env_settings", "init_states_per_task",
+           "make_env_pool", "seed_everything"]
