@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from trainer.algos import absolute_advantages, dynamic_sampling_mask, gae, grpo_advantages
+from trainer.algos import (
+    absolute_advantages,
+    critic_diagnostics,
+    dynamic_sampling_mask,
+    gae,
+    grpo_advantages,
+    mean_std_from_sums,
+    moment_sums,
+    normalize_advantages,
+)
 
 
 def t(values, dtype=torch.float64):
@@ -193,3 +202,77 @@ def test_gae_does_not_track_grad():
     values = torch.tensor([[0.5, 0.6]], requires_grad=True)
     advantages, returns = gae(torch.tensor([[0.0, 1.0]]), values, torch.tensor([[0.0, 1.0]]), GAMMA, LAM)
     assert not advantages.requires_grad and not returns.requires_grad
+
+
+# ---------------------------------------------------------------- advantage normalisation
+
+
+def test_normalize_advantages_whitens_with_the_given_statistics():
+    # [1, 2, 3, 6]: mean 3, population var (4 + 1 + 0 + 9) / 4 = 3.5
+    values = t([1.0, 2.0, 3.0, 6.0])
+    mean, std = mean_std_from_sums(moment_sums(values))
+    assert mean == pytest.approx(3.0) and std == pytest.approx(math.sqrt(3.5))
+    normalized = normalize_advantages(values, mean, std, eps=0.0)
+    torch.testing.assert_close(normalized, (values - 3.0) / math.sqrt(3.5))
+    assert float(normalized.mean()) == pytest.approx(0.0, abs=1e-12)
+    assert float(normalized.std(unbiased=False)) == pytest.approx(1.0)
+
+
+def test_normalisation_from_per_rank_sums_equals_the_whole_batch():
+    # Two "ranks" hold 3 and 5 advantages: summing their moment sums gives the statistics of all 8, so each rank's
+    # normalised share equals the matching slice of the single-process result.
+    whole = t([0.0, 0.9, 0.0, 0.0, 0.81, 0.0, 0.0, 0.73])
+    shares = [whole[:3], whole[3:]]
+    sums = [moment_sums(share) for share in shares]
+    total = {key: sums[0][key] + sums[1][key] for key in sums[0]}
+    assert total["count"] == 8
+    mean, std = mean_std_from_sums(total)
+    single_mean, single_std = mean_std_from_sums(moment_sums(whole))
+    assert (mean, std) == pytest.approx((single_mean, single_std))
+    expected = normalize_advantages(whole, single_mean, single_std)
+    torch.testing.assert_close(torch.cat([normalize_advantages(s, mean, std) for s in shares]), expected)
+    # A rank's own statistics would give something else (why the statistics must be global):
+    local_mean, local_std = mean_std_from_sums(sums[0])
+    assert not torch.allclose(normalize_advantages(shares[0], local_mean, local_std), expected[:3])
+
+
+def test_normalisation_gives_failed_episodes_negative_advantages():
+    # Sparse success reward, critic still at 0: GAE gives successes a positive advantage and failures exactly 0;
+    # centring turns the failures negative (a push away from what failed).
+    raw = t([0.0, 0.0, 0.95, 0.0, 1.0, 0.0])
+    normalized = normalize_advantages(raw, *mean_std_from_sums(moment_sums(raw)))
+    assert (normalized[raw == 0] < 0).all() and (normalized[raw > 0] > 0).all()
+
+
+def test_normalisation_of_equal_or_no_advantages_is_finite():
+    equal = t([0.5, 0.5, 0.5])
+    mean, std = mean_std_from_sums(moment_sums(equal))
+    assert std == pytest.approx(0.0, abs=1e-7)
+    torch.testing.assert_close(normalize_advantages(equal, mean, std), torch.zeros(3, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    assert mean_std_from_sums({"count": 0.0, "sum": 0.0, "sum_sq": 0.0}) == (0.0, 0.0)
+
+
+def test_moment_sums_of_several_quantities_share_one_reduction_by_prefix():
+    sums = {**moment_sums(t([1.0, 3.0]), "a/"), **moment_sums(t([2.0, 2.0, 2.0]), "b/")}
+    assert sums == {"a/count": 2.0, "a/sum": 4.0, "a/sum_sq": 10.0, "b/count": 3.0, "b/sum": 6.0, "b/sum_sq": 12.0}
+    assert mean_std_from_sums(sums, "a/") == (2.0, 1.0)
+    assert mean_std_from_sums(sums, "b/") == (2.0, 0.0)
+
+
+def test_critic_diagnostics_match_cleanrl_explained_variance_and_the_value_loss():
+    returns = t([0.0, 1.0, 0.5, 0.9, 0.0])
+    values = t([0.1, 0.8, 0.5, 0.7, 0.2])
+    residual = returns - values
+    diagnostics = critic_diagnostics(mean_std_from_sums(moment_sums(returns)), mean_std_from_sums(moment_sums(residual)))
+    expected_ev = 1.0 - residual.var(unbiased=False) / returns.var(unbiased=False)  # CleanRL: 1 - var(y - p) / var(y)
+    assert diagnostics["critic/explained_variance"] == pytest.approx(float(expected_ev))
+    assert diagnostics["critic/value_loss"] == pytest.approx(float(0.5 * (residual**2).mean()))
+    # a critic stuck at 0 explains nothing beyond the mean: EV = 1 - Var[R] / Var[R] = 0 ... a constant one as well
+    zero = critic_diagnostics(mean_std_from_sums(moment_sums(returns)), mean_std_from_sums(moment_sums(returns)))
+    assert zero["critic/explained_variance"] == pytest.approx(0.0)
+    # one that predicts the wrong way round is worse than a constant
+    wrong = critic_diagnostics(mean_std_from_sums(moment_sums(returns)),
+                               mean_std_from_sums(moment_sums(returns - (1.0 - returns))))
+    assert wrong["critic/explained_variance"] < 0
+    assert math.isnan(critic_diagnostics((1.0, 0.0), (0.0, 0.1))["critic/explained_variance"])

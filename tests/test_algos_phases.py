@@ -59,3 +59,14 @@ def test_schedule_is_frozen_and_validated():
         PhaseSchedule(handover_greedy_start=1.5)
     with pytest.raises(ValueError, match="iteration"):
         phase_at(-1, schedule)
+
+
+def test_the_rl_loss_skips_the_tokens_of_greedy_steps_only():
+    import torch
+
+    from trainer.algos import rl_token_mask
+
+    executed = torch.tensor([1.0, 1.0, 1.0, 0.0])  # an OFT-like step whose last action was not executed
+    assert torch.equal(rl_token_mask(executed, took_greedy_action=False), executed)
+    skipped = rl_token_mask(executed, took_greedy_action=True)
+    assert torch.equal(skipped, torch.zeros(4)) and skipped.dtype == executed.dtype

@@ -25,7 +25,7 @@ def test_defaults_and_the_shipped_config_are_valid():
     assert config_problems(RunConfig()) == []
     config = load_config(["--config", CONFIG])
     assert config.model.source == "tiny" and config.env.suite == "toy" and config.algo.name == "grpo"
-    assert config.train.iterations == 80 and config.algo.ppo_epochs == 4 and config.optim.lr == pytest.approx(3e-3)
+    assert config.train.iterations == 70 and config.algo.num_mini_batches == 4 and config.optim.lr == pytest.approx(3e-3)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -44,8 +44,8 @@ def test_command_line_overrides_the_file_with_typed_values():
     assert config.train.iterations == 7 and isinstance(config.train.iterations, int)
     assert config.env.task_ids == [0, 2] and config.algo.ppo.value_clip is None and config.log.wandb is True
     assert config.algo.name == "ppo"
-    assert config.env.groups_per_iteration == 16  # untouched values still come from the file
-    assert load_config(["--config=" + CONFIG]).train.iterations == 80  # --config=FILE works as well
+    assert config.env.groups_per_iteration == 32  # untouched values still come from the file
+    assert load_config(["--config=" + CONFIG]).train.iterations == 70  # --config=FILE works as well
 
 
 def test_dump_round_trips_exactly(tmp_path):

@@ -42,7 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_toy_cpu.yaml")
 FAST = ["--env.groups_per_iteration", "2", "--rollout.num_generations", "2", "--env.num_workers", "4",
         "--algo.ppo_epochs", "1", "--algo.num_mini_batches", "1", "--algo.micro_batch_size", "64",
-        "--train.eval_every", "0", "--log.progress", "false", "--log.plots", "false", "--log.wandb", "false"]
+        "--train.eval_every", "0", "--log.progress", "false", "--log.plots", "false", "--log.wandb", "false",
+        # every iteration takes an optimizer step (with 2 samples per group, dynamic sampling may drop them all), so
+        # that the checkpoints hold optimizer state to damage
+        "--algo.grpo.dynamic_sampling", "false"]
 
 
 def _config(output_dir: Path, *extra: str):

@@ -586,6 +586,29 @@ def test_video_frames_are_recorded_for_selected_items_and_written_as_mp4(tmp_pat
                 assert error < np.abs(frame.astype(int) - original.astype(int)).mean()
 
 
+
+def test_an_oft_video_has_a_frame_for_every_action_not_one_per_chunk():
+    """OpenVLA-OFT runs 8 actions per policy step; the recorded episode must still show each of them (the env renders
+    every action for it), while the other episodes keep one observation per chunk."""
+    policy = make_policy("tiny-oft")
+    env_kwargs = {**NEVER_SUCCEEDS, "max_steps": 20}  # 20 actions: chunks of 8, 8 and a cut-short 4
+    items = build_work_items([(0, 1)], samples_per_group=2)
+    episodes, _ = collect_episodes(policy, InlinePool("toy", 2, env_kwargs), items, run_seed=4,
+                                   record_video_items={0})
+    recorded, other = episodes
+    assert recorded.num_policy_steps == 3 and recorded.length == 20
+    assert len(recorded.frames) == 1 + 20 and other.frames == []
+    # Replay action by action: frame k is the state after k actions.
+    env = ToyReachEnv(**env_kwargs)
+    observation = env.reset(recorded.item.task_id, recorded.item.init_state_id, recorded.seed)
+    np.testing.assert_array_equal(recorded.frames[0], observation.primary_image)
+    actions = np.concatenate([env_actions_of(policy, ids) for ids in recorded.token_ids])[:20]
+    for k, action in enumerate(actions, start=1):
+        observation = env.step(action[None]).observation
+        np.testing.assert_array_equal(recorded.frames[k], observation.primary_image)
+    assert len({f.tobytes() for f in recorded.frames}) > 3  # more pictures than the 3 chunk ends'
+
+
 # === 3. env faults through the collector (EnvPool) ====================================================================
 
 FAULT_ENV = {**NEVER_SUCCEEDS, "max_steps": 4}  # every episode: exactly 4 policy steps with `tiny`

@@ -267,3 +267,31 @@ def test_make_env_routes_libero_suites_to_a_lazily_imported_libero_env(monkeypat
     monkeypatch.setitem(sys.modules, "trainer.envs.libero", fake_module)
     env = make_env(suite, resolution=128)
     assert isinstance(env, FakeLiberoEnv) and env.suite == suite and env.kwargs == {"resolution": 128}
+
+
+def test_record_frames_returns_the_frame_after_every_action_of_a_chunk():
+    env = ToyReachEnv()
+    plain = env.reset(RED, 3, seed=5)
+    moves = chunk((1, 0), (0, 1), (-1, 0), (0, -1))
+    result = env.step(moves)
+    assert result.frames is None  # not asked for: one observation per chunk, nothing rendered in between
+    env.reset(RED, 3, seed=5, record_frames=True)
+    recorded = env.step(moves)
+    assert len(recorded.frames) == recorded.steps_executed == 4
+    np.testing.assert_array_equal(recorded.frames[-1], recorded.observation.primary_image)
+    # frame k is what a chunk of the first k actions would have ended on
+    for k in range(1, 5):
+        env.reset(RED, 3, seed=5)
+        np.testing.assert_array_equal(recorded.frames[k - 1], env.step(moves[:k]).observation.primary_image)
+    assert plain.primary_image.shape == recorded.frames[0].shape
+    # the flag holds for one episode only
+    env.reset(RED, 3, seed=5)
+    assert env.step(moves).frames is None
+
+
+def test_record_frames_stops_at_the_action_that_ends_the_episode():
+    env = ToyReachEnv()
+    env.reset(BLUE, 0, seed=1, record_frames=True)
+    result = env.step(np.stack([env.expert_action()] * 8))  # reaches the target within 3 actions
+    assert result.success and result.steps_executed < 8
+    assert len(result.frames) == result.steps_executed

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from trainer import algos
 from trainer.engine import Engine
 from trainer.envs.seeding import iteration_seed
 from trainer.models import PolicyInputs, VLAPolicy
@@ -39,12 +40,14 @@ class Samples:
     def __len__(self) -> int:
         return len(self.token_ids)
 
-    def add_episode(self, episode: Episode, advantages, returns=None) -> None:
+    def add_episode(self, episode: Episode, advantages, returns=None, behaviour_cloning: bool = False) -> None:
         for t in range(episode.num_policy_steps):
             self.inputs.append(episode.inputs[t])
             self.token_ids.append(episode.token_ids[t])
             self.old_log_probs.append(episode.log_probs[t])
-            self.token_masks.append(episode.token_masks[t])
+            # RL trains on sampled actions only (a hand-over's greedy steps are not the policy's draws); BC on all.
+            self.token_masks.append(episode.token_masks[t] if behaviour_cloning
+                                    else algos.rl_token_mask(episode.token_masks[t], episode.greedy[t]))
             self.advantages.append(float(advantages[t]))
             self.returns.append(float(returns[t]) if returns is not None else 0.0)
             self.old_values.append(episode.values[t])

@@ -30,13 +30,53 @@ class LogConfig:
     progress: bool = True
     """Progress bars for rollouts and updates."""
 
-CONSOLE_KEYS = [
-    ("iteration", "iter"), ("phase", "phase"), ("rollout/success_rate", "success"),
-    ("eval/greedy_success_rate", "eval greedy"), ("eval/sampled_success_rate", "eval sampled"),
-    ("train/loss", "loss"), ("train/grad_norm", "grad norm"), ("train/approx_kl", "approx kl"),
-    ("train/clip_frac", "clip frac"), ("train/entropy", "entropy"), ("train/samples", "samples"),
-    ("guard/skipped_steps_total", "skips"), ("rollout/env_errors", "env err"), ("time/iteration_seconds", "sec"),
+
+# The iteration table: one fixed set of columns (key, title, width), so that every row lines up under one header,
+# whether or not the iteration evaluated (its eval columns then show "-"). PPO adds the critic's columns.
+CONSOLE_COLUMNS = [
+    ("iteration", "iter", 5), ("phase", "phase", 9), ("rollout/success_rate", "success", 7),
+    ("eval/greedy_success_rate", "greedy", 6), ("eval/sampled_success_rate", "sampled", 7),
+    ("train/loss", "loss", 8), ("train/approx_kl", "approx_kl", 9), ("train/clip_frac", "clip_frac", 9),
+    ("train/entropy", "entropy", 7), ("train/grad_norm", "grad_norm", 9), ("train/samples", "samples", 7),
+    ("guard/skipped_steps_total", "skips", 5), ("rollout/env_errors", "env_err", 7),
+    ("time/iteration_seconds", "sec", 6),
 ]
+# The rollout critic's quality (algos.critic_diagnostics): its value loss and explained variance on the batch whose
+# advantages it made.
+CRITIC_COLUMNS = [("critic/value_loss", "value_loss", 10), ("critic/explained_variance", "expl_var", 8)]
+HEADER_EVERY = 25  # rows between repeated headers, so that a long log stays readable without scrolling back
+USELESS_CRITIC_ITERATIONS = 5  # explained variance <= 0 this many iterations in a row: say so once
+
+
+def useless_critic_note(explained_variances: list) -> str | None:
+    """A note when the last USELESS_CRITIC_ITERATIONS explained variances are all <= 0 (NaN, a batch whose returns did
+    not vary, says nothing either way and breaks the run of iterations), else None."""
+    recent = explained_variances[-USELESS_CRITIC_ITERATIONS:]
+    if len(recent) < USELESS_CRITIC_ITERATIONS or not all(isinstance(v, (int, float)) and v <= 0 for v in recent):
+        return None
+    return (f"critic: explained variance <= 0 for {USELESS_CRITIC_ITERATIONS} iterations in a row: the value head "
+            "predicts the returns no better than their mean, so the GAE advantages are returns minus noise. Raise "
+            "optim.value_lr, warm the critic up, or use algo.name grpo.")
+
+
+class ConsoleTable:
+    """Fixed-width text rows under one header (repeated every HEADER_EVERY rows): the columns never move."""
+
+    def __init__(self, columns: list[tuple[str, str, int]]):
+        self.columns = columns
+        self.rows_printed = 0
+
+    def header(self) -> str:
+        return "  ".join(f"{title:>{width}}" for _, title, width in self.columns)
+
+    def row(self, record: dict) -> str:
+        return "  ".join(f"{_format(record.get(key), width):>{width}}" for key, _, width in self.columns)
+
+    def lines_for(self, record: dict) -> list[str]:
+        """The line(s) to print for one record: the header first when it is due, then the row."""
+        lines = [self.header()] if self.rows_printed % HEADER_EVERY == 0 else []
+        self.rows_printed += 1
+        return lines + [self.row(record)]
 
 
 # Third-party messages printed at every start that say nothing a user can act on, silenced at their loggers:
@@ -89,6 +129,9 @@ class RunLogger:
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self._wandb = None
         self._console = None
+        self.table = ConsoleTable(CONSOLE_COLUMNS + (CRITIC_COLUMNS if config.algo.name == "ppo" else []))
+        self._explained_variances: list = []
+        self._critic_note_printed = False
         if not self.active:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -109,13 +152,16 @@ class RunLogger:
             (self.output_dir / "config.yaml").write_text(text)
 
     @contextmanager
-    def progress(self, description: str, total: int | None):
+    def progress(self, description: str, total: int | None, unit: str | None = None):
+        """A transient progress bar; `unit` names what one update(1) counts (default: "episodes" when a total is
+        given, as for a rollout, else "micro-batches", as for an update)."""
         if not (self.active and self.config.log.progress):
             yield _NoProgress()
             return
         from tqdm import tqdm
 
-        with tqdm(total=total, desc=description, leave=False, dynamic_ncols=True, unit="ep" if total else "mb") as bar:
+        unit = unit or ("episodes" if total else "micro-batches")
+        with tqdm(total=total, desc=description, leave=False, dynamic_ncols=True, unit=f" {unit}") as bar:
             yield bar
 
     # --- metrics ----------------------------------------------------------------------------------------------------
@@ -143,14 +189,14 @@ class RunLogger:
                 self._wandb = None
 
     def _console_row(self, record: dict) -> None:
-        from rich.table import Table
-
-        table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-        shown = [(key, title) for key, title in CONSOLE_KEYS if key in record]
-        for _, title in shown:
-            table.add_column(title, justify="right")
-        table.add_row(*[_format(record[key]) for key, _ in shown])
-        self._console.print(table)
+        for line in self.table.lines_for(record):
+            self.print(line)
+        if "critic/explained_variance" in record:
+            self._explained_variances.append(record["critic/explained_variance"])
+            note = useless_critic_note(self._explained_variances)
+            if note and not self._critic_note_printed:
+                self.print(note)
+                self._critic_note_printed = True
 
     def _start_wandb(self) -> None:
         try:
@@ -170,14 +216,15 @@ class RunLogger:
     def finish(self) -> None:
         if not self.active:
             return
-        summary = summarize(self.metrics_path) if self.metrics_path.exists() else ""
-        if summary:
-            self.print(summary)
+        plot_path = None
         if self.config.log.plots and self.metrics_path.exists() and read_metrics(self.metrics_path):
             try:
-                write_plots(self.metrics_path, self.output_dir / "plots")
+                plot_path = write_plots(self.metrics_path, self.output_dir / "plots")[0]
             except Exception as error:  # noqa: BLE001 -- plots are a convenience
                 self.print(f"plots failed: {error}")
+        summary = summarize(self.metrics_path, plot_path) if self.metrics_path.exists() else ""
+        if summary:
+            self.print(summary)
         if self._wandb is not None:
             try:
                 self._wandb.finish()
@@ -185,17 +232,30 @@ class RunLogger:
                 pass
 
 
-def summarize(metrics_path: Path) -> str:
-    """Success before and after training, from the first and last evaluation in metrics.jsonl."""
-    lines = []
+def summarize(metrics_path: Path, plot_path: Path | None = None) -> str:
+    """The run in one line, from the first and last evaluation in metrics.jsonl, plus where the curve is:
+
+        greedy success 0.188 -> 0.927, sampled 0.094 -> 0.865 (iteration 0 -> 60, 212 s of training)
+        curve: runs/tiny_toy_cpu/plots/success.png
+
+    The seconds are the iterations' own (rollout, update and evaluation), without start-up and the first evaluation.
+    """
     records = read_metrics(metrics_path)
-    for key in ("eval/greedy_success_rate", "eval/sampled_success_rate"):
+    parts, span = [], None
+    for key, name in (("eval/greedy_success_rate", "greedy success"), ("eval/sampled_success_rate", "sampled")):
         points = [(r["iteration"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         if len(points) >= 2:
             (first_it, first), (last_it, last) = points[0], points[-1]
-            lines.append(f"{key.split('/')[1].replace('_', ' ')}: {first:.3f} at iteration {first_it} -> "
-                         f"{last:.3f} at iteration {last_it}")
-    return ("success before -> after training\n  " + "\n  ".join(lines)) if lines else ""
+            parts.append(f"{name} {first:.3f} -> {last:.3f}")
+            span = span or f"(iteration {first_it} -> {last_it}"
+    if not parts:
+        return ""
+    seconds = sum(r["time/iteration_seconds"] for r in records if isinstance(r.get("time/iteration_seconds"), (int, float)))
+    span += f", {seconds:.0f} s of training)" if seconds else ")"
+    lines = [", ".join(parts) + f" {span}"]
+    if plot_path is not None:
+        lines.append(f"curve: {plot_path}")
+    return "\n".join(lines)
 
 
 def read_metrics(path: Path, report=None) -> list[dict]:
@@ -221,7 +281,9 @@ def read_metrics(path: Path, report=None) -> list[dict]:
 
 
 def write_plots(metrics_path: Path, plot_dir: Path) -> list[Path]:
-    """success.png (rollout and eval success per iteration) and loss.png (loss, grad norm, approx KL)."""
+    """success.png (rollout and eval success per iteration; returned first) and loss.png (the update's diagnostics:
+    loss, approx KL, clip fraction, entropy, grad norm, and for PPO the rollout critic's value loss and explained
+    variance)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,7 +294,9 @@ def write_plots(metrics_path: Path, plot_dir: Path) -> list[Path]:
     written = []
     panels = {
         "success.png": ["rollout/success_rate", "eval/greedy_success_rate", "eval/sampled_success_rate"],
-        "loss.png": ["train/loss", "train/grad_norm", "train/approx_kl", "train/entropy"],
+        "loss.png": ["train/loss", "train/approx_kl", "train/clip_frac", "train/entropy", "train/grad_norm"]
+        + [key for key in ("critic/value_loss", "critic/explained_variance")
+           if any(isinstance(r.get(key), (int, float)) for r in records)],
     }
     for name, keys in panels.items():
         fig, axes = plt.subplots(1, len(keys) if name == "loss.png" else 1, figsize=(4 * len(keys), 3.2),
@@ -265,11 +329,18 @@ def _plain(value):
     return value
 
 
-def _format(value) -> str:
-    if value is None:  # e.g. train/loss of an iteration without an update
+def _format(value, width: int = 10) -> str:
+    """A cell of at most `width` characters where the value allows: 4 significant digits, fewer in exponent form
+    when they do not fit (so that one tiny approx_kl does not push the rest of its row out of line)."""
+    if value is None:  # e.g. train/loss of an iteration without an update, or eval columns between evaluations
         return "-"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        text = f"{value:.4g}"
+        for precision in (2, 1, 0):
+            if len(text) <= width:
+                break
+            text = f"{value:.{precision}e}"
+        return text
     return str(value)
 
 

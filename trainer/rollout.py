@@ -244,7 +244,8 @@ class _Rollout:
                             else derive_seed(self.run_seed, self.rank, worker, self.episode_offset + index))
             self.running[worker] = index
             self.streams[index] = torch.Generator().manual_seed(episode_sampling_seed(self.base_seed, index))
-            requests[worker] = ResetRequest(episode.item.task_id, episode.item.init_state_id, episode.seed)
+            requests[worker] = ResetRequest(episode.item.task_id, episode.item.init_state_id, episode.seed,
+                                            record_frames=index in self.record_video_items)
         if not requests:
             return
         tick = time.perf_counter()
@@ -310,8 +311,8 @@ class _Rollout:
                 episode.values.append(float(acted.values[i]) if acted.values is not None else 0.0)
                 episode.rewards.append(float(step.reward))
                 episode.greedy.append(bool(acted.greedy[i]))
-            if self.running[worker] in self.record_video_items:
-                episode.frames.append(step.observation.primary_image)
+            if self.running[worker] in self.record_video_items:  # every action's frame, not only the chunk's last
+                episode.frames.extend(step.frames if step.frames is not None else [step.observation.primary_image])
             if step.done:
                 episode.success = bool(step.success)
                 self.finish(worker)

@@ -96,6 +96,10 @@ class PPOConfig:
     """Discount per policy step."""
     lam: float = 0.95
     """GAE lambda (1 = Monte-Carlo returns minus the value, 0 = one-step TD error)."""
+    normalize_advantages: bool = True
+    """Whiten the GAE advantages, (A - mean) / std, with the mean and std of the whole global batch (all ranks), as
+    CleanRL, TRL, veRL and RL4VLA do. With a sparse success reward and a critic that starts near 0, raw advantages are
+    ~0 for every failed episode; centring gives failures a negative advantage. (GRPO's are normalised by their group.)"""
     value_coef: float = 0.5
     """Weight of the value loss in the total loss."""
     value_clip: float | None = 0.2
@@ -367,7 +371,7 @@ def episode_advantages(algo: AlgoConfig, episodes: list[Episode], dist: Dist, bc
     if bc_phase:  # behaviour cloning towards the greedy tokens of successful episodes
         for episode in valid:
             if episode.success:
-                samples.add_episode(episode, [1.0] * episode.num_policy_steps)
+                samples.add_episode(episode, [1.0] * episode.num_policy_steps, behaviour_cloning=True)
         return samples, {}
     if algo.name == AlgoName.PPO:
         for episode in valid:
@@ -377,7 +381,16 @@ def episode_advantages(algo: AlgoConfig, episodes: list[Episode], dist: Dist, bc
             dones[0, -1] = 1.0  # success and the step limit both end the task: no bootstrap beyond the last step
             advantages, returns = algos.gae(rewards, values, dones, algo.ppo.gamma, algo.ppo.lam)
             samples.add_episode(episode, advantages[0].tolist(), returns[0].tolist())
-        return samples, {}
+        # Statistics of the GLOBAL batch (one all-reduce): advantage normalisation and the rollout critic's quality.
+        advantages, returns = torch.tensor(samples.advantages), torch.tensor(samples.returns)
+        sums = dist.sum_metrics({**algos.moment_sums(advantages, "advantage/"), **algos.moment_sums(returns, "return/"),
+                                 **algos.moment_sums(returns - torch.tensor(samples.old_values), "residual/")})
+        if algo.ppo.normalize_advantages:
+            mean, std = algos.mean_std_from_sums(sums, "advantage/")
+            samples.advantages = algos.normalize_advantages(advantages, mean, std).tolist()
+        metrics = algos.critic_diagnostics(algos.mean_std_from_sums(sums, "return/"),
+                                           algos.mean_std_from_sums(sums, "residual/"))
+        return samples, metrics
     # GRPO: group statistics over ALL ranks, keyed by group id.
     local = [(e.group_id, e.reward) for e in valid]
     everyone = dist.gather_objects(local)  # rank order: this rank's episodes start at `offset`

@@ -99,7 +99,7 @@ def grpo_episodes(samples, rank: int, world: int) -> list[Episode]:
                 item=WorkItem(task_id=group_id, init_state_id=0, sample_index=sample_index, group_id=group_id),
                 seed=index, inputs=samples.inputs[:steps], token_ids=samples.token_ids[:steps],
                 log_probs=samples.old_log_probs[:steps], token_masks=samples.token_masks[:steps],
-                values=[0.0] * steps, rewards=[0.0] * steps,
+                values=[0.0] * steps, rewards=[0.0] * steps, greedy=[False] * steps,
                 success=bool(reward), length=steps,
                 env_error="worker died" if index == ENV_ERROR_EPISODE else None))
     if world == 1:

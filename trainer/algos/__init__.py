@@ -6,9 +6,13 @@ Nothing here calls torch.distributed: callers pass inputs already gathered acros
 from trainer.algos.advantages import (
     GRPO_SCALES,
     absolute_advantages,
+    critic_diagnostics,
     dynamic_sampling_mask,
     gae,
     grpo_advantages,
+    mean_std_from_sums,
+    moment_sums,
+    normalize_advantages,
 )
 from trainer.algos.losses import (
     LOSS_TYPES,
@@ -20,7 +24,7 @@ from trainer.algos.losses import (
     ppo_clip_loss,
     value_loss,
 )
-from trainer.algos.phases import BC_WARMUP, HANDOVER, RL, Phase, PhaseSchedule, phase_at
+from trainer.algos.phases import BC_WARMUP, HANDOVER, RL, Phase, PhaseSchedule, phase_at, rl_token_mask
 
 __all__ = [
     "BC_WARMUP",
@@ -32,6 +36,7 @@ __all__ = [
     "PhaseSchedule",
     "absolute_advantages",
     "behaviour_cloning_loss",
+    "critic_diagnostics",
     "dynamic_sampling_mask",
     "entropy_bonus",
     "explained_variance",
@@ -39,7 +44,11 @@ __all__ = [
     "grpo_advantages",
     "kl_to_reference",
     "masked_mean",
+    "mean_std_from_sums",
+    "moment_sums",
+    "normalize_advantages",
     "phase_at",
     "ppo_clip_loss",
+    "rl_token_mask",
     "value_loss",
 ]

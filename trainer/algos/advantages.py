@@ -213,3 +213,79 @@ def gae(
         advantages[:, t] = lastgaelam
     returns = torch.where(valid, advantages + values, torch.zeros_like(values))
     return advantages, returns
+
+
+@torch.no_grad()
+def moment_sums(values: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """The local sums that a global mean and std are made of: {prefix + "count", "sum", "sum_sq"}.
+
+    Sum these over ranks (e.g. `Dist.sum_metrics`, several prefixed sets in one call) and pass the result to
+    `mean_std_from_sums`: every rank then uses the statistics of the whole global batch, whatever the world size.
+
+    Args:
+        values: any shape; every element counts once.
+        prefix: put before each key, to sum the moments of several quantities in one all-reduce.
+
+    Returns:
+        {"<prefix>count", "<prefix>sum", "<prefix>sum_sq"}, as Python floats (accumulated in float64).
+    """
+    flat = values.detach().double().reshape(-1)
+    return {f"{prefix}count": float(flat.numel()), f"{prefix}sum": float(flat.sum()),
+            f"{prefix}sum_sq": float((flat * flat).sum())}
+
+
+def mean_std_from_sums(sums: dict[str, float], prefix: str = "") -> tuple[float, float]:
+    """Mean and population std (divide by n) from `moment_sums` summed over ranks; (0, 0) for no elements.
+
+    E[x^2] - E[x]^2 in float64: for advantages and returns (values of order 1, at most millions of them) the
+    cancellation loses nothing that matters, and it needs one all-reduce instead of two passes.
+    """
+    count, total, total_sq = sums[f"{prefix}count"], sums[f"{prefix}sum"], sums[f"{prefix}sum_sq"]
+    if count <= 0:
+        return 0.0, 0.0
+    mean = total / count
+    variance = max(total_sq / count - mean * mean, 0.0)
+    return mean, variance**0.5
+
+
+def critic_diagnostics(returns: tuple[float, float], residuals: tuple[float, float]) -> dict[str, float]:
+    """How well the rollout's value predictions V(s_t) explained the returns, over the global batch.
+
+    Args:
+        returns: (mean, std) of the value targets R_t (GAE returns).
+        residuals: (mean, std) of R_t - V(s_t), with V from the rollout (the critic that made the advantages).
+
+    Returns:
+        {"critic/value_loss": 0.5 * E[(R - V)^2],
+         "critic/explained_variance": 1 - Var[R - V] / Var[R] (CleanRL's, on the rollout values): 1 = perfect,
+             0 = no better than predicting the mean return, < 0 = worse; NaN when the returns do not vary}.
+        At explained variance <= 0 the critic is useless: GAE's advantages are then the returns minus noise, and a
+        GRPO-style baseline would serve better (raise optim.value_lr, warm the critic up, or use GRPO).
+    """
+    (_, return_std), (residual_mean, residual_std) = returns, residuals
+    value_loss = 0.5 * (residual_std**2 + residual_mean**2)
+    explained = 1.0 - residual_std**2 / return_std**2 if return_std > 0 else float("nan")
+    return {"critic/value_loss": value_loss, "critic/explained_variance": explained}
+
+
+@torch.no_grad()
+def normalize_advantages(advantages: torch.Tensor, mean: float, std: float, eps: float = 1e-8) -> torch.Tensor:
+    """(advantages - mean) / (std + eps): PPO's advantage normalisation ("whitening").
+
+    CleanRL (`norm_adv`), TRL's PPO, veRL and RL4VLA all do it. Why it matters here: with a sparse success reward
+    and a critic that starts near 0, raw GAE advantages are ~0 for every failed episode and positive for the
+    successes, so the policy gets no push away from what failed; centring gives failures a negative advantage, and
+    scaling makes the step size independent of the reward scale and of how good the critic is.
+
+    Pass the mean and std of the GLOBAL batch (all ranks; see `moment_sums`), not of a rank's or a micro-batch's
+    share: then a run on 2 ranks normalises exactly as the same global batch on 1 rank does.
+
+    Args:
+        advantages: any shape, float.
+        mean, std: statistics of the global batch (`mean_std_from_sums`).
+        eps: added to the std (a batch of equal advantages gives zeros instead of 0/0).
+
+    Returns:
+        a new tensor of the same shape and dtype.
+    """
+    return (advantages.detach() - mean) / (std + eps)

@@ -85,3 +85,22 @@ def phase_at(iteration: int, schedule: PhaseSchedule) -> Phase:
         progress = (iteration - warmup_end) / schedule.handover_iterations
         return Phase(HANDOVER, schedule.handover_greedy_start * (1.0 - progress))
     return Phase(RL, 0.0)
+
+
+def rl_token_mask(token_mask, took_greedy_action: bool):
+    """The tokens of one policy step that the RL loss trains on: none of a step that took the greedy action.
+
+    What the hand-over trains on: only the actions the policy SAMPLED. A greedy step's action was the argmax, not a
+    draw from the policy, so PPO's ratio pi_new(a) / pi_old(a) has no meaning for it, and training on it anyway acts
+    as advantage-weighted behaviour cloning of the argmax, which drains the entropy that GRPO needs (a group whose
+    samples all act alike has equal rewards and no signal). The greedy steps still count: they carry their episodes
+    to the outcome whose reward the sampled steps are credited with.
+
+    Args:
+        token_mask: [n_tokens] 0/1 tensor of the step's executed tokens (Episode.token_masks).
+        took_greedy_action: the step's Episode.greedy flag.
+
+    Returns:
+        token_mask itself, or zeros of its shape and dtype.
+    """
+    return token_mask * 0 if took_greedy_action else token_mask

@@ -47,6 +47,9 @@ class StepResult:
     done: bool  # success or step limit reached
     steps_executed: int  # actions of the chunk actually executed (< k when the episode ended mid-chunk)
     info: dict = field(default_factory=dict)
+    # The primary camera frame after EACH executed action, only for an episode reset with record_frames=True (a video
+    # is being recorded); None otherwise. `observation` alone has one frame per chunk (8 actions for OpenVLA-OFT).
+    frames: list[np.ndarray] | None = None
 
 
 class Env(Protocol):
@@ -62,7 +65,9 @@ class Env(Protocol):
 
     def instruction(self, task_id: int) -> str: ...
 
-    def reset(self, task_id: int, init_state_id: int, seed: int) -> Observation: ...
+    def reset(self, task_id: int, init_state_id: int, seed: int, record_frames: bool = False) -> Observation:
+        """record_frames: fill StepResult.frames with a frame per executed action until the next reset (videos)."""
+        ...
 
     def step(self, actions: np.ndarray) -> StepResult: ...
 

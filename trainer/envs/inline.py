@@ -44,7 +44,8 @@ class InlinePool:
         replies = {}
         for index, request in requests.items():
             start = time.perf_counter()
-            observation = self._envs[index].reset(request.task_id, request.init_state_id, request.seed)
+            observation = self._envs[index].reset(request.task_id, request.init_state_id, request.seed,
+                                                 record_frames=request.record_frames)
             seconds = time.perf_counter() - start
             self.stats.workers[index].resets += 1
             self.stats.workers[index].reset_seconds += seconds

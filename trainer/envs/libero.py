@@ -29,7 +29,9 @@ Two things make it cheaper than the reference loop without changing what the pol
   state matched a hard-reset env exactly, step for step (tests/test_libero_env.py checks it).
 - Cameras are rendered only for the observations that are returned (the last wait step, the last action of a chunk)
   instead of at every step (~0.25 s of 0.28 s per step on CPU). The camera observables stay enabled, so robosuite
-  samples them at the same sub-step as before; only the rendering of frames nobody reads is skipped.
+  samples them at the same sub-step as before; only the rendering of frames nobody reads is skipped. An episode reset
+  with `record_frames=True` (one whose video is recorded) renders after every action and returns those frames in
+  `StepResult.frames`, so that its video has every step, not one frame per 8-action chunk.
 """
 
 from __future__ import annotations
@@ -205,6 +207,7 @@ class LiberoEnv:
         # numpy's random state right after an official reset: (task_id, resets done since seed 0, state)
         self._official_random_state: tuple[int, int, tuple] | None = None
         self.scene_replay_resets = 0  # resets replayed to rebuild official scenes (diagnostics, tests)
+        self._record_frames = False  # set per episode by reset(record_frames=...)
 
     # --- Env protocol -------------------------------------------------------------------------------------------
     def num_tasks(self) -> int:
@@ -218,7 +221,7 @@ class LiberoEnv:
         self._check_task_id(task_id)
         return self._benchmark.get_task(task_id).language
 
-    def reset(self, task_id: int, init_state_id: int, seed: int) -> Observation:
+    def reset(self, task_id: int, init_state_id: int, seed: int, record_frames: bool = False) -> Observation:
         self._done = True  # until this reset has finished
         self._check_task_id(task_id)
         init_states = self._task_init_states(task_id)
@@ -253,6 +256,7 @@ class LiberoEnv:
         self._wait_steps_done = self.num_steps_wait
         self._elapsed_steps = 0
         self._done = False
+        self._record_frames = record_frames
         return self._observation(raw_obs)
 
     def step(self, actions: np.ndarray) -> StepResult:
@@ -262,12 +266,16 @@ class LiberoEnv:
         success = False
         executed = 0
         frames_before = self._frames_rendered()
+        frames = [] if self._record_frames else None  # a video: the primary frame after every action
         for index, action in enumerate(actions):
             # Frames are needed only for the observation we return: after the chunk's last action, or the last one
-            # the step limit allows. A success mid-chunk is not known in advance (handled in _observation).
+            # the step limit allows, unless a video is being recorded. A success mid-chunk is not known in advance
+            # (handled in _observation).
             last_of_chunk = index == len(actions) - 1 or self._elapsed_steps + 1 >= self.max_steps
-            self._request_frames(last_of_chunk)
+            self._request_frames(last_of_chunk or frames is not None)
             raw_obs, _, success, _ = self._sim_env.step(action)
+            if frames is not None:
+                frames.append(np.array(raw_obs[f"{PRIMARY_CAMERA}_image"], dtype=np.uint8, copy=True))
             success = bool(success)  # LIBERO's `done` is its goal predicate
             executed += 1
             self._elapsed_steps += 1
@@ -283,6 +291,7 @@ class LiberoEnv:
             done=self._done,
             steps_executed=executed,
             info={"elapsed_steps": self._elapsed_steps, "task_id": self._task_id, "init_state_id": self._init_state_id},
+            frames=frames,
         )
 
     def close(self) -> None:

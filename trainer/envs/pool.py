@@ -63,6 +63,7 @@ class ResetRequest:
     task_id: int
     init_state_id: int
     seed: int
+    record_frames: bool = False  # a video of this episode: a frame per action in StepResult.frames
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ def _worker_main(conn, suite: str, env_kwargs: dict, env_vars: dict, observation
             start = time.perf_counter()
             try:
                 if command == "reset":
-                    value = env.reset(payload.task_id, payload.init_state_id, payload.seed)
+                    value = env.reset(payload.task_id, payload.init_state_id, payload.seed, record_frames=payload.record_frames)
                 elif command == "step":
                     value = env.step(payload)
                 else:

@@ -54,8 +54,8 @@ class TransformedEnv:
     def __getattr__(self, name):  # suite, max_steps, image_pipeline, num_tasks, ... of the wrapped env
         return getattr(self.env, name)
 
-    def reset(self, task_id: int, init_state_id: int, seed: int) -> Observation:
-        return self.transform(self.env.reset(task_id, init_state_id, seed))
+    def reset(self, task_id: int, init_state_id: int, seed: int, record_frames: bool = False) -> Observation:
+        return self.transform(self.env.reset(task_id, init_state_id, seed, record_frames=record_frames))
 
     def step(self, actions):
         result = self.env.step(actions)

@@ -34,6 +34,7 @@ class LiberoStandInEnv:
         self._rng = np.random.default_rng(0)
         self._task = 0
         self._steps = 0
+        self._record_frames = False
 
     def num_tasks(self) -> int:
         return len(INSTRUCTIONS)
@@ -51,23 +52,29 @@ class LiberoStandInEnv:
         return Observation(frame, frame.copy(), self._rng.standard_normal(PROPRIO_DIM).astype(np.float32),
                            INSTRUCTIONS[self._task])
 
-    def reset(self, task_id: int, init_state_id: int, seed: int) -> Observation:
+    def reset(self, task_id: int, init_state_id: int, seed: int, record_frames: bool = False) -> Observation:
         self._rng = np.random.default_rng(seed)
         self._task, self._steps = task_id, 0
+        self._record_frames = record_frames
         return self._observe()
 
     def step(self, actions: np.ndarray) -> StepResult:
         actions = np.asarray(actions, dtype=np.float64).reshape(-1, ACTION_DIM)
         executed, success = 0, False
+        frames, observation = ([] if self._record_frames else None), None
         for _ in actions:
             time.sleep(self.step_seconds)
             self._steps += 1
             executed += 1
             success = bool(self._rng.random() < self.success_per_step)
+            if frames is not None:  # recording a video: a frame after every action
+                observation = self._observe()
+                frames.append(observation.primary_image)
             if success or self._steps >= self.max_steps:
                 break
         done = success or self._steps >= self.max_steps
-        return StepResult(self._observe(), float(success), success, done, executed)
+        observation = observation if observation is not None else self._observe()
+        return StepResult(observation, float(success), success, done, executed, frames=frames)
 
     def close(self) -> None:
         pass

@@ -140,6 +140,7 @@ class ToyReachEnv:
         self._init_state_id = 0
         self._elapsed_steps = 0
         self._done = True
+        self._record_frames = False
 
     # --- Env protocol -------------------------------------------------------------------------------------------
     def num_tasks(self) -> int:
@@ -153,7 +154,7 @@ class ToyReachEnv:
         self._check_task_id(task_id)
         return f"move to the {COLOUR_NAMES[task_id]} target"
 
-    def reset(self, task_id: int, init_state_id: int, seed: int) -> Observation:
+    def reset(self, task_id: int, init_state_id: int, seed: int, record_frames: bool = False) -> Observation:
         self._check_task_id(task_id)
         if not 0 <= init_state_id < NUM_INIT_STATES:
             raise ValueError(f"init_state_id {init_state_id} is out of range: the toy task has {NUM_INIT_STATES}")
@@ -163,6 +164,7 @@ class ToyReachEnv:
         self._init_state_id = init_state_id
         self._elapsed_steps = 0
         self._done = False
+        self._record_frames = record_frames
         return self._observe()
 
     def step(self, actions: np.ndarray) -> StepResult:
@@ -171,6 +173,7 @@ class ToyReachEnv:
             raise RuntimeError("the episode is over (or never started): call reset() before step()")
         success = False
         executed = 0
+        frames = [] if self._record_frames else None  # a video: the primary frame after every action
         for action in actions:
             self._maybe_inject_fault()
             moved = self._position + np.clip(action[:2], -1.0, 1.0) * self.step_size
@@ -178,6 +181,8 @@ class ToyReachEnv:
             self._elapsed_steps += 1
             executed += 1
             success = self._distance_to_target() <= self.success_radius
+            if frames is not None:
+                frames.append(self._observe().primary_image)
             if success or self._elapsed_steps >= self.max_steps:
                 self._done = True
                 break
@@ -188,6 +193,7 @@ class ToyReachEnv:
             done=self._done,
             steps_executed=executed,
             info={"elapsed_steps": self._elapsed_steps, "distance_to_target": self._distance_to_target()},
+            frames=frames,
         )
 
     def close(self) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
+from trainer.models.action_tokenizer import ActionTokenizer
 from trainer.models.config import PRESETS, VLAConfig, preset
 from trainer.models.loading import build_model, load_vla, manifest, save_vla
 from trainer.models.openvla import OpenVLA
@@ -45,6 +47,39 @@ def _identity_norm_stats() -> dict:
     return {suite: stats for suite in SUITES if suite != "toy"}
 
 
+SMOOTH_HEAD_FREQUENCIES = 4  # basis of the action rows: the bin value, then cos / sin of k·pi·value for k = 1..4
+SMOOTH_HEAD_SCALE = 0.5  # random policy near-uniform (entropy ~5.3 of ln 256 = 5.55), confident once h aligns
+
+
+def smooth_action_rows(model: OpenVLA, seed: int) -> None:
+    """Make the output rows of the 256 action tokens smooth functions of the action value each bin stands for.
+
+        row(bin) = SMOOTH_HEAD_SCALE * sum_m phi_m(value(bin)) * u_m  +  a little of the random row,
+        phi = [v, cos(pi v), sin(pi v), ..., cos(4 pi v), sin(4 pi v)],  u_m random directions of the hidden space,
+
+    so the action logits are a smooth function of the action value whose shape (where the mass sits, how peaked it
+    is) the hidden state sets, as a trained VLA's are: neighbouring bins mean nearly the same action. A random head
+    has 256 unrelated rows; RL then has to raise "the bins of positive dx" one by one from the few episodes that
+    sampled each, and most of each update fits sampling noise (measured on the toy task: docs/learning.md). Used by
+    the tiny presets only (random weights); the released checkpoints' rows are trained.
+    """
+    config = model.config
+    tokenizer = ActionTokenizer(config.base_vocab_size, config.n_action_bins)
+    ids = torch.arange(tokenizer.first_action_id, tokenizer.base_vocab_size)
+    values = torch.from_numpy(tokenizer.decode(ids)).float()  # [256] in [-1, 1]
+    basis = [values]
+    for k in range(1, SMOOTH_HEAD_FREQUENCIES + 1):
+        basis += [torch.cos(math.pi * k * values), torch.sin(math.pi * k * values)]
+    basis = torch.stack(basis, dim=1)  # [256, 2K + 1]
+    head = model.language_model.lm_head.weight
+    generator = torch.Generator().manual_seed(seed + 1)
+    directions = torch.randn(basis.shape[1], head.shape[1], generator=generator) / math.sqrt(head.shape[1])
+    with torch.no_grad():
+        rows = head[tokenizer.first_action_id: tokenizer.base_vocab_size]
+        # A little of the random row keeps every bin distinguishable (the basis alone ties a few symmetric pairs).
+        rows.copy_(0.02 * rows / rows.std() + SMOOTH_HEAD_SCALE * basis.to(head.dtype) @ directions.to(head.dtype))
+
+
 def _random_model(name: str, seed: int, device="cpu", benchmark_stats: bool = False, dtype: torch.dtype = torch.float32):
     config = preset(name)
     if benchmark_stats:  # random weights for benchmarks: identity bounds under every suite's key
@@ -55,6 +90,8 @@ def _random_model(name: str, seed: int, device="cpu", benchmark_stats: bool = Fa
     try:
         with torch.device(device):
             model = build_model(config, seed=seed)
+            if name in ("tiny", "tiny-oft"):
+                smooth_action_rows(model, seed)
     finally:
         torch.set_default_dtype(previous)
     return model, build_tiny_tokenizer(config.base_vocab_size)

@@ -140,6 +140,13 @@ class VLAConfig:
 
 TINY_BASE_VOCAB = 512  # tiny tokenizer: specials + characters + filler; the last 256 ids are the action tokens
 TINY_IMAGE_SIZE = 32
+TINY_HIDDEN_SIZE = 64
+# Random init of the tiny language model: std 1/sqrt(width). transformers' default 0.02 suits Llama-2-7B's width 4096
+# (about 1.3/sqrt(4096)); at width 64 it made every block's output tiny next to the token's own embedding, so the
+# random policy's hidden state at the action position hardly depended on the input (between-instruction spread 3% of
+# its norm; the same greedy action for every instruction and image) and learning the instruction took ~1.5x as many
+# steps (docs/learning.md).
+TINY_INIT_STD = TINY_HIDDEN_SIZE**-0.5
 TINY_TOY_NORM_STATS = {
     # The toy env takes actions in [-1, 1] directly: identity bounds; proprio is already in [-1, 1].
     "toy": {
@@ -157,9 +164,9 @@ def _tiny_config(family: str) -> VLAConfig:
         norm_stats=copy.deepcopy(TINY_TOY_NORM_STATS),
         text_config={
             "model_type": "llama", "pad_token_id": TINY_BASE_VOCAB, "torch_dtype": "float32",
-            "vocab_size": TINY_BASE_VOCAB + 64, "hidden_size": 64, "intermediate_size": 128,
+            "vocab_size": TINY_BASE_VOCAB + 64, "hidden_size": TINY_HIDDEN_SIZE, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-            "max_position_embeddings": 512,
+            "max_position_embeddings": 512, "initializer_range": TINY_INIT_STD,
         },
         trainer=TrainerExtras(
             family=family,
