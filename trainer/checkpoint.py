@@ -378,7 +378,8 @@ def read_trainable(path: Path, policy) -> dict[str, torch.Tensor]:
 
 def _checked(file: Path, tensors: dict[str, torch.Tensor], params: dict, path: Path) -> dict[str, torch.Tensor]:
     for name, value in tensors.items():
-        expected = tuple(params[name].shape)
+        # ZeRO-3 partitions a parameter in place (shape [0]); DeepSpeed keeps the full shape as ds_shape
+        expected = tuple(getattr(params[name], "ds_shape", params[name].shape))
         if tuple(value.shape) != expected:
             raise CheckpointError(
                 f"{file}: {name} has shape {list(value.shape)} but this run's parameter has {list(expected)}: the "
