@@ -237,3 +237,33 @@ def test_the_collective_and_peer_timeouts_are_options():
         load_config(["--config", CONFIG, "--dist.timeout_minutes", "0", "--dist.peer_timeout_s=-1"])
     assert "dist.timeout_minutes = 0.0; expected > 0" in str(caught.value)
     assert "dist.peer_timeout_s = -1.0; expected >= 0" in str(caught.value)
+
+
+def test_cosine_schedule_decays_to_its_floor_and_the_default_floor_is_zero():
+    """optim.min_lr_ratio: warm-up, then cosine from lr to lr × min_lr_ratio at the last iteration (0 by default)."""
+    import math
+
+    import torch
+
+    from trainer.build import build_optimizer
+    from trainer.engine import OptimConfig
+
+    def rates(min_lr_ratio):
+        module = torch.nn.Linear(2, 1)
+        optim = OptimConfig(lr=1e-3, scheduler="cosine", warmup_iterations=2, min_lr_ratio=min_lr_ratio)
+        optimizer, scheduler = build_optimizer(optim, module, iterations=12)
+        seen = []
+        for _ in range(13):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    plain, floored = rates(0.0), rates(0.1)
+    assert plain[:2] == pytest.approx([1e-3 / 3, 2e-3 / 3]) and floored[:2] == pytest.approx(plain[:2])
+    assert plain[2] == pytest.approx(1e-3) and floored[2] == pytest.approx(1e-3)
+    assert plain[12] == pytest.approx(0.0, abs=1e-12) and floored[12] == pytest.approx(1e-4)
+    halfway = 0.5 * (1 + math.cos(math.pi * 5 / 10))
+    assert floored[7] == pytest.approx(1e-3 * (0.1 + 0.9 * halfway)) and plain[7] == pytest.approx(1e-3 * halfway)
+    assert OptimConfig().min_lr_ratio == 0.0
+    assert "min_lr_ratio = 1.5; expected in [0, 1]" in OptimConfig(min_lr_ratio=1.5).problems()

@@ -216,7 +216,8 @@ def build_optimizer(optim: OptimConfig, policy: VLAPolicy, iterations: int, opti
             return (step + 1) / (warmup + 1)
         if optim.scheduler == Scheduler.COSINE:
             progress = (step - warmup) / max(iterations - warmup, 1)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine
         return 1.0
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)

@@ -65,6 +65,9 @@ class OptimConfig:
     iteration)."""
     warmup_iterations: int = 0
     """Linear warm-up: iteration i < warmup_iterations uses lr × (i + 1) / (warmup_iterations + 1)."""
+    min_lr_ratio: float = 0.0
+    """"cosine" only: decay to lr × min_lr_ratio at the last iteration instead of to 0 (transformers' min_lr_rate), so
+    that the last iterations still learn what they find."""
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -75,6 +78,7 @@ class OptimConfig:
         check(found, self.skip_factor >= 1, "skip_factor", self.skip_factor, ">= 1")
         check(found, self.warn_factor > 0, "warn_factor", self.warn_factor, "> 0")
         check(found, self.warmup_iterations >= 0, "warmup_iterations", self.warmup_iterations, ">= 0")
+        check(found, 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         return found
 
 

@@ -33,8 +33,10 @@ class PhaseSchedule:
     handover_iterations: int = 0
     """Iterations over which the greedy probability decays linearly from handover_greedy_start to 0 (0 = switch
     straight to RL)."""
-    handover_greedy_start: float = 1.0
-    """Probability that an env step takes the greedy action at the first hand-over iteration (1.0 = all greedy)."""
+    handover_greedy_start: float = 0.75
+    """Probability that an env step takes the greedy action at the first hand-over iteration (1.0 = all greedy). Below
+    1 so that the first hand-over iteration has sampled steps to train on: the RL loss trains only on sampled actions
+    (`rl_token_mask`), and at 1.0 that iteration trained on nothing (docs/learning.md, the BC run)."""
 
     def problems(self) -> list[str]:
         found = []
