@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.envs import TOY_SUITES
 from trainer.envs.sharding import WorkItem, shard_work_items
 from trainer.rollout import collect_episodes, write_video
 
@@ -90,7 +91,12 @@ def evaluate(policy, pool, items: list[WorkItem], dist, *, greedy: bool, tempera
     official code decodes them. `use_l1_head` (OFT, greedy only): None decodes as the policy says
     (`VLAPolicy.eval_uses_l1_head`: the L1 head of a released OFT checkpoint, the tokens of a policy trained here).
     `pipeline` and `decode`: collect_episodes' speed options.
+
+    The built-in toy task has no official protocol: its episodes keep derived seeds, and greedy steps take the argmax
+    over the action ids (the tiny presets' other vocabulary rows are random stand-ins that no training touches, so a
+    whole-vocabulary argmax would measure them, not the policy).
     """
+    official = pool.info.suite not in TOY_SUITES
     local = shard_work_items(items, dist.rank, dist.world_size)
     first = items.index(local[0]) if local else 0
     record = set(range(videos)) if video_dir is not None and dist.is_main else set()
@@ -101,14 +107,15 @@ def evaluate(policy, pool, items: list[WorkItem], dist, *, greedy: bool, tempera
         policy, pool, local, greedy_probability=1.0 if greedy else 0.0, temperature=temperature, run_seed=seed,
         rank=dist.rank, episode_offset=first, model=model, keep_trajectories=False, record_video_items=record,
         use_l1_head=l1_head, generator=torch.Generator().manual_seed(seed + 104729 * dist.rank),
-        should_stop=stop, official_scenes=True, official_greedy=greedy, pipeline=pipeline, decode=decode)
+        should_stop=stop, official_scenes=official, official_greedy=greedy and official, pipeline=pipeline,
+        decode=decode)
     policy.train(was_training)
     counts = count_episodes(episodes)
     keys = sorted({f"{item.task_id}/{kind}" for item in items for kind in ("success", "trials", "errors")}
                   | {"stopped"})
     totals = dist.sum_metrics({k: counts.get(k, 0.0) for k in keys})
     report = EvalReport(mode="greedy" if greedy else f"sampled (T={temperature})", stopped=int(totals["stopped"]),
-                        actions=policy.describe_actions(greedy, l1_head, temperature),
+                        actions=policy.describe_actions(greedy, l1_head, temperature, official=official),
                         norm_stats=policy.describe_norm_stats())
     for task in sorted({item.task_id for item in items}):
         report.per_task[task] = (int(totals[f"{task}/success"]), int(totals[f"{task}/trials"]))

@@ -194,11 +194,13 @@ class VLAPolicy(nn.Module):
         oft = self.config.trainer.oft
         return self.config.is_oft and oft.use_l1_head and not oft.trained_on_tokens
 
-    def describe_actions(self, greedy: bool, use_l1_head: bool, temperature: float = 1.0) -> str:
+    def describe_actions(self, greedy: bool, use_l1_head: bool, temperature: float = 1.0, official: bool = True) -> str:
         if use_l1_head:
             return "L1 regression head (the official OpenVLA-OFT LIBERO evaluation)"
-        if greedy:
+        if greedy and official:
             return "action tokens, argmax over the whole vocabulary (the official decode)"
+        if greedy:
+            return f"action tokens, argmax over the {self.config.n_action_bins} action ids (no official protocol)"
         return f"action tokens sampled at temperature {temperature:g} over the {self.config.n_action_bins} action ids"
 
     def describe_norm_stats(self) -> str:
