@@ -74,8 +74,18 @@ def test_standard_openvla_decodes_with_one_prefill_and_cached_steps(toy_observat
     assert lengths[1:] == [1] * 6 and lengths[0] > 16  # prefill, then 6 single-token steps
 
 
+def _rough_action_rows(policy) -> None:
+    """The tiny presets' action rows are smooth in the action value (neighbouring bins' logits nearly tie, so a
+    near-zero temperature may pick either); random rows give every bin its own logit, as this test needs."""
+    with torch.no_grad():
+        head = policy.base_model.language_model.lm_head.weight
+        first = policy.action_tokenizer.first_action_id
+        head[first: first + 256] = torch.randn(256, head.shape[1], generator=torch.Generator().manual_seed(0)) * 0.5
+
+
 def test_greedy_is_argmax_and_sampling_follows_temperature(toy_observations):
     policy = make_policy("tiny-oft")
+    _rough_action_rows(policy)
     inputs = policy.prepare(toy_observations[:1])
     greedy = policy.act(inputs, greedy=True)
     logits = policy.evaluate(inputs, greedy.token_ids).logits
@@ -196,8 +206,13 @@ def _make_top_tokens_mixed(policy, inputs) -> None:
                                        proprio=inputs.proprio).action_hidden
             direction = hidden[0, 3] - hidden.mean((0, 1))  # slot 3 of sample 0, as it differs from the rest
             head[stop] = direction / direction.norm() * 40.0
-        else:
-            head[stop] = head[first + 7] * 1.02
+        else:  # the action token that wins most often, on rows where different bins win at different positions
+            _rough_action_rows(policy)
+            head[first: first + 256] *= 3.0
+            restricted = policy.act(inputs, greedy=True)
+            winner = int(restricted.token_ids[:, 0].mode().values)
+            logit = policy.evaluate(inputs, restricted.token_ids).logits[:, 0, winner - first].mean()
+            head[stop] = head[winner] * (1.02 if logit > 0 else 0.98)  # a little above the winner's logit
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-oft"])
