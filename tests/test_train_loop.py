@@ -256,6 +256,7 @@ def test_phases_bc_warmup_then_handover_with_decreasing_greedy_probability_then_
     monkeypatch.setattr(trainer.train, "collect_episodes", collect_with_teacher_successes)
     run = tmp_path / "run"
     _train(run, "--algo.phases.bc_warmup_iterations", "1", "--algo.phases.handover_iterations", "2",
+           "--algo.phases.handover_greedy_start", "1.0",  # the schedule from 1 (the default starts at 0.75)
            "--train.iterations", "4",
            "--train.eval_every", "0", "--log.plots", "false", "--train.checkpoint_every", "0",
            "--algo.name", "ppo", "--algo.ppo_epochs", "1")
