@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# One node's share of a multi-node run: torchrun with a c10d rendezvous read from the environment.
+# One node's share of a multi-node run: torchrun with a static rendezvous read from the environment.
+# Static, not c10d: ranks follow NODE_RANK (node k holds ranks k*NPROC_PER_NODE...), and node 0 hosts the one
+# key-value store. Under c10d torchrun orders the nodes by hostname and process id instead, and the rendezvous store
+# (on the node that guessed it is MASTER_ADDR) and the workers' store (on whichever node got rank 0) can sit on two
+# different nodes, so losing either one took the survivors' torchrun down before the trainer could name the lost rank.
 # Run the same command on every node (only NODE_RANK differs); the arguments go to `python -m trainer train`.
 #
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NPROC_PER_NODE=8 \
@@ -13,7 +17,7 @@
 #   NPROC_PER_NODE  processes per node, one per GPU (default: the number of GPUs, else 1)
 #   ACCELERATE_CONFIG  an accelerate_configs/*.yaml whose backend (FSDP2, DeepSpeed ZeRO) the processes use; its
 #                   process / machine counts are ignored (torchrun owns the topology). Unset: DDP.
-#   RDZV_ID         rendezvous id shared by the nodes of one job (default: trainer-$MASTER_PORT); SLURM passes its job id
+#   RDZV_ID         run id shared by the nodes of one job (default: trainer-$MASTER_PORT); SLURM passes its job id
 #   PYTHON          interpreter (default: .venv/bin/python when present, else python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,5 +43,5 @@ echo "node $NODE_RANK/$NNODES: $NPROC_PER_NODE processes, rendezvous $MASTER_ADD
      "backend ${ACCELERATE_CONFIG:-DDP (no ACCELERATE_CONFIG)}" >&2
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE" \
-    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-trainer-$MASTER_PORT}" \
+    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --rdzv-id "${RDZV_ID:-trainer-$MASTER_PORT}" \
     -m trainer train "$@"

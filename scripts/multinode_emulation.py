@@ -4,7 +4,7 @@
     python scripts/multinode_emulation.py --out-dir OUT [--gpus 0,1] [--accelerate-config FILE] [--config CFG] \
         [-- extra trainer arguments]
 
-Node r is `scripts/launch_multinode.sh` (torchrun, c10d rendezvous on 127.0.0.1) started with NNODES=2,
+Node r is `scripts/launch_multinode.sh` (torchrun, static rendezvous on 127.0.0.1) started with NNODES=2,
 NODE_RANK=r, one process, and CUDA_VISIBLE_DEVICES=<its GPU> when --gpus is given (each node sees one GPU, as a real
 node would see its own). The driver waits until iteration --kill-after-iteration is logged in metrics.jsonl (by global
 rank 0, on node 0), then SIGKILLs node 1 whole (its launcher, the trainer process and the trainer's env workers: a

@@ -360,7 +360,7 @@ def test_rollout_gathers_weights_once_per_phase_not_per_decoding_step(runs, back
 
 @multiproc
 def test_two_node_torchrun_on_loopback_trains_one_iteration(tmp_path):
-    """scripts/launch_multinode.sh started twice (NNODES=2, NODE_RANK 0 / 1, c10d rendezvous on 127.0.0.1) runs the
+    """scripts/launch_multinode.sh started twice (NNODES=2, NODE_RANK 0 / 1, static rendezvous on 127.0.0.1) runs the
     real `python -m trainer train` for one iteration with the tiny policy on the toy task."""
     run_dir = tmp_path / "run"
     args = ["--config", "configs/tiny_toy_cpu.yaml", "--train.output_dir", str(run_dir), "--train.iterations", "1",
@@ -396,7 +396,9 @@ def test_when_a_node_dies_the_other_names_the_lost_rank_and_exits_without_waitin
     """Two single-process "nodes" (scripts/launch_multinode.sh on 127.0.0.1) train; after iteration 1 is logged,
     node 1 is killed with SIGKILL (launcher and worker: a lost machine). Node 0 exits with an error that names rank 1,
     from the heartbeat watch (dist.peer_timeout_s = 10 s here), not after the 30-minute collective timeout: the
-    wait below would time out long before that."""
+    wait below would time out long before that. Node 1 starts first: the launcher must still give it rank 1 and keep
+    the store on node 0 (under torchrun's c10d rendezvous the earlier process took rank 0 and, racing for the port,
+    possibly the store, so killing node 1 took node 0's torchrun down before the trainer could name rank 1)."""
     import time
 
     run_dir = tmp_path / "run"
@@ -409,12 +411,15 @@ def test_when_a_node_dies_the_other_names_the_lost_rank_and_exits_without_waitin
     logs = [tmp_path / f"node-{rank}.log" for rank in range(2)]
     nodes = []
     try:
-        for rank, log in enumerate(logs):
+        for rank in (1, 0):
             env = _env(NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                        NPROC_PER_NODE="1", PYTHON=PYTHON)
-            with open(log, "w") as sink:
-                nodes.append(subprocess.Popen(["bash", str(ROOT / "scripts" / "launch_multinode.sh"), *args], cwd=ROOT,
-                                              env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True))
+            with open(logs[rank], "w") as sink:
+                nodes.insert(0, subprocess.Popen(["bash", str(ROOT / "scripts" / "launch_multinode.sh"), *args],
+                                                 cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                                 start_new_session=True))
+            if rank == 1:
+                time.sleep(5)  # node 1 is the older process and reaches the port first
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         while not _iteration_logged(run_dir / "metrics.jsonl"):
             assert all(node.poll() is None for node in nodes), "\n".join(log.read_text()[-3000:] for log in logs)
