@@ -54,6 +54,10 @@ RUNS = {run.name: run for run in [
         description="GRPO on 2 gloo ranks, the same global batch, seed 0"),
     Run("ppo", "configs/tiny_toy_ppo_cpu.yaml", description="PPO + GAE, seed 0"),
     Run("ppo_2ranks", "configs/tiny_toy_ppo_cpu.yaml", ranks=2, description="PPO + GAE on 2 gloo ranks, seed 0"),
+    *[Run(f"{algo}_2ranks_seed{seed}", config, ranks=2, overrides=("--train.seed", str(seed)),
+          description=f"{label} on 2 gloo ranks, seed {seed} (does the shipped config learn on other seeds?)")
+      for algo, config, label in (("grpo", "configs/tiny_toy_cpu.yaml", "GRPO"),
+                                  ("ppo", "configs/tiny_toy_ppo_cpu.yaml", "PPO + GAE")) for seed in (1, 2)],
     Run("bc_handover", "configs/tiny_toy_cpu.yaml",
         overrides=("--algo.phases.bc_warmup_iterations", "4", "--algo.phases.handover_iterations", "4"),
         description="GRPO after 4 behaviour-cloning warm-up iterations and a 4-iteration epsilon-greedy hand-over "

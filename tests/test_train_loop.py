@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import trainer.algos
+import trainer.config
 import trainer.learner
 import trainer.train
 from trainer.checkpoint import CHECKPOINTS, latest_checkpoint
@@ -277,6 +278,33 @@ def test_phases_bc_warmup_then_handover_with_decreasing_greedy_probability_then_
     assert {c[1] for c in calls if c[0] == "ppo"} == {1, 2, 3} and not any(c[2] for c in calls if c[0] == "ppo")
     for i in (2, 3, 4):
         assert "train/bc_loss" not in lines[i] and "train/approx_kl" in lines[i]
+
+
+def test_ppo_critic_warmup_trains_only_the_critic_for_its_iterations_then_the_policy_too(tmp_path, monkeypatch):
+    """algo.ppo.critic_warmup_iterations = 2: the first two updates are the value loss alone (no policy term is
+    computed, the logged loss is value_coef x the value loss); the third is the full PPO objective."""
+    tag = _IterationTag(monkeypatch)
+    clip_calls: list[int | None] = []
+    ppo_original = trainer.algos.ppo_clip_loss
+
+    def ppo_spy(*args, **kwargs):
+        clip_calls.append(tag.iteration)
+        return ppo_original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.algos, "ppo_clip_loss", ppo_spy)
+    run = tmp_path / "run"
+    _train(run, "--algo.name", "ppo", "--algo.ppo.critic_warmup_iterations", "2", "--algo.ppo.value_coef", "0.5",
+           "--train.iterations", "3", "--train.eval_every", "0", "--log.plots", "false",
+           "--train.checkpoint_every", "0")
+    lines = _by_iteration(run)
+    assert [lines[i]["phase"] for i in (1, 2, 3)] == ["critic_warmup", "critic_warmup", "rl"]
+    assert clip_calls and set(clip_calls) == {2}  # the policy term only from the third update (0-based iteration 2)
+    for i in (1, 2):
+        assert "train/approx_kl" not in lines[i]
+        assert lines[i]["train/loss"] == pytest.approx(0.5 * lines[i]["train/value_loss"], rel=1e-5)
+    assert "train/approx_kl" in lines[3] and "train/value_loss" in lines[3]
+    with pytest.raises(trainer.config.ConfigError, match="critic_warmup_iterations = -1"):  # refused when read
+        _config(tmp_path / "bad", "--algo.ppo.critic_warmup_iterations", "-1")
 
 
 def test_tokens_of_actions_the_env_never_executed_do_not_reach_the_loss(toy_observations):

@@ -34,7 +34,7 @@ class LogConfig:
 # The iteration table: one fixed set of columns (key, title, width), so that every row lines up under one header,
 # whether or not the iteration evaluated (its eval columns then show "-"). PPO adds the critic's columns.
 CONSOLE_COLUMNS = [
-    ("iteration", "iter", 5), ("phase", "phase", 9), ("rollout/success_rate", "success", 7),
+    ("iteration", "iter", 5), ("phase", "phase", 13), ("rollout/success_rate", "success", 7),
     ("eval/greedy_success_rate", "greedy", 6), ("eval/sampled_success_rate", "sampled", 7),
     ("train/loss", "loss", 8), ("train/approx_kl", "approx_kl", 9), ("train/clip_frac", "clip_frac", 9),
     ("train/entropy", "entropy", 7), ("train/grad_norm", "grad_norm", 9), ("train/samples", "samples", 7),

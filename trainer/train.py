@@ -104,6 +104,10 @@ class PPOConfig:
     """Weight of the value loss in the total loss."""
     value_clip: float | None = 0.2
     """Clip of the value prediction's change from its rollout value (PPO2); null = plain 0.5 × MSE."""
+    critic_warmup_iterations: int = 0
+    """RL iterations, from the first, whose update trains only the critic: the value loss alone, no policy term
+    (veRL's critic_warmup, NeMo RL's policy_training_start_step). The rollouts still run with the current policy, and
+    the value loss still moves the shared LoRA weights. What it did on the toy task is in docs/learning.md."""
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -111,6 +115,8 @@ class PPOConfig:
         check(found, 0 <= self.lam <= 1, "lam", self.lam, "in [0, 1]")
         check(found, self.value_coef >= 0, "value_coef", self.value_coef, ">= 0")
         check(found, self.value_clip is None or self.value_clip > 0, "value_clip", self.value_clip, "> 0 or null (off)")
+        check(found, self.critic_warmup_iterations >= 0, "critic_warmup_iterations", self.critic_warmup_iterations,
+              ">= 0")
         return found
 
 
@@ -414,18 +420,22 @@ def episode_advantages(algo: AlgoConfig, episodes: list[Episode], dist: Dist, bc
 
 
 def objective(algo: AlgoConfig, policy: VLAPolicy, model, batch: Batch, counts: Counts, *, temperature: float,
-              bc_phase: bool) -> tuple[torch.Tensor, dict]:
+              bc_phase: bool, critic_only: bool = False) -> tuple[torch.Tensor, dict]:
     """The loss of one micro-batch, to minimise, and its diagnostics.
 
     Warm-up: cross-entropy towards the rollout's greedy tokens. RL: PPO's clipped surrogate with an asymmetric clip
     (DAPO), minus the entropy bonus, plus beta × KL to the reference, plus the clipped value loss when there is a
-    value head (PPO). Token terms are divided by the mini-batch's executed-token count, per-step terms by its step
-    count (`counts`: global, over the world size; see learner.py)."""
+    value head (PPO). critic_only (PPO's critic warm-up): the value loss alone. Token terms are divided by the
+    mini-batch's executed-token count, per-step terms by its step count (`counts`: global, over the world size; see
+    learner.py)."""
     new = policy.evaluate(batch.inputs, batch.token_ids, temperature=temperature, model=model)
     mask = batch.token_mask
     if bc_phase:
         targets = policy.action_tokenizer.token_ids_to_local(batch.token_ids.to(new.logits.device))
         return algos.behaviour_cloning_loss(new.logits, targets, mask, num_tokens_global=counts.tokens)
+    if critic_only:
+        value_loss, diagnostics = _critic_loss(algo, new.values, batch, counts)
+        return algo.ppo.value_coef * value_loss, diagnostics
     per_step = algo.loss_type == LossType.SEQ_MEAN_TOKEN_MEAN
     loss, diagnostics = algos.ppo_clip_loss(
         new.log_probs, batch.old_log_probs, batch.advantages, mask, epsilon=algo.epsilon,
@@ -444,12 +454,17 @@ def objective(algo: AlgoConfig, policy: VLAPolicy, model, batch: Batch, counts: 
         loss = loss + algo.beta * kl
         diagnostics.update(kl_diagnostics)
     if new.values is not None:  # PPO's critic
-        value_loss, value_diagnostics = algos.value_loss(new.values, batch.old_values, batch.returns,
-                                                         clip_range=algo.ppo.value_clip,
-                                                         num_values_global=counts.sequences)
+        value_loss, value_diagnostics = _critic_loss(algo, new.values, batch, counts)
         loss = loss + algo.ppo.value_coef * value_loss
-        diagnostics["explained_variance"] = algos.explained_variance(new.values.detach(), batch.returns)
         diagnostics.update(value_diagnostics)
+    return loss, diagnostics
+
+
+def _critic_loss(algo: AlgoConfig, values: torch.Tensor, batch: Batch, counts: Counts) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped value loss over the mini-batch's steps, and the critic's explained variance on it."""
+    loss, diagnostics = algos.value_loss(values, batch.old_values, batch.returns, clip_range=algo.ppo.value_clip,
+                                         num_values_global=counts.sequences)
+    diagnostics["explained_variance"] = algos.explained_variance(values.detach(), batch.returns)
     return loss, diagnostics
 
 
@@ -547,8 +562,12 @@ def train(config: RunConfig) -> dict:
 
             # 4. update: the objective over PPO epochs and micro-batches, one guarded step per mini-batch
             policy.train()
+            critic_only = (config.algo.name == AlgoName.PPO and not bc_phase
+                           and iteration - config.algo.phases.bc_warmup_iterations
+                           < config.algo.ppo.critic_warmup_iterations)
             loss_fn = functools.partial(objective, config.algo, policy, engine.model,
-                                        temperature=config.rollout.temperature, bc_phase=bc_phase)
+                                        temperature=config.rollout.temperature, bc_phase=bc_phase,
+                                        critic_only=critic_only)
             with logger.progress(f"update {iteration + 1}", total=None) as bar:
                 update = learner.update(samples, loss_fn, iteration, progress=bar,
                                         padding_inputs=next((e.inputs[0] for e in episodes if e.inputs), None),
@@ -571,7 +590,8 @@ def train(config: RunConfig) -> dict:
                 "env_steps": rollout_stats.env_steps, "length": sum(e.length for e in valid)})
             state.env_errors += int(totals["env_errors"])
             metrics = {
-                "iteration": state.iteration, "phase": phase.name, "phase/greedy_probability": phase.greedy_probability,
+                "iteration": state.iteration, "phase": "critic_warmup" if critic_only else phase.name,
+                "phase/greedy_probability": phase.greedy_probability,
                 "rollout/success_rate": totals["success"] / max(totals["valid"], 1),
                 "rollout/episodes": totals["valid"], "rollout/env_errors": totals["env_errors"],
                 "rollout/mean_length": totals["length"] / max(totals["valid"], 1),
