@@ -137,3 +137,15 @@ def test_summary_names_the_decoding_and_the_norm_stats():
     assert "greedy evaluation: L1 regression head" in summary and "norm stats: 'toy'" in summary
 
 
+
+
+def test_summary_says_how_the_toy_and_libero_decode_greedily():
+    """The toy suite has no official protocol: its summary names the action-id argmax that evaluate() uses for it;
+    a LIBERO suite names the official whole-vocabulary argmax."""
+    from trainer.build import EnvConfig, env_settings
+
+    model, tokenizer = load_model_and_tokenizer("tiny", seed=0)
+    toy = VLAPolicy(model, tokenizer, env_settings(EnvConfig(suite="toy")))
+    assert "greedy evaluation: action tokens, argmax over the 256 action ids (no official protocol)" in toy.summary()
+    libero = VLAPolicy(model, tokenizer, env_settings(EnvConfig(suite="libero_spatial", unnorm_key="toy")))
+    assert "greedy evaluation: action tokens, argmax over the whole vocabulary (the official decode)" in libero.summary()

@@ -152,7 +152,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def env_settings(env: EnvConfig) -> EnvSettings:
     if env.suite == Suite.TOY:
-        return EnvSettings(image_pipeline="none", binarize_gripper=False, unnorm_key=env.unnorm_key or "toy")
+        return EnvSettings(image_pipeline="none", binarize_gripper=False, unnorm_key=env.unnorm_key or "toy",
+                           official_decode=False)
     # LIBERO and its benchmark stand-in: the LIBERO image pipeline and gripper convention
     return EnvSettings(image_pipeline="libero", binarize_gripper=True, unnorm_key=env.unnorm_key or str(env.suite))
 

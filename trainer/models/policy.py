@@ -124,6 +124,7 @@ class EnvSettings:
     image_pipeline: str = "libero"
     binarize_gripper: bool = True  # LIBERO: sign + invert the gripper dimension
     unnorm_key: str | None = None
+    official_decode: bool = True  # greedy evaluation decodes as the official code does (LIBERO); the toy has no protocol
 
 
 def mixed_precision_adapters(vla: nn.Module, compute_dtype: torch.dtype) -> torch.dtype | None:
@@ -223,7 +224,7 @@ class VLAPolicy(nn.Module):
             family = f"OpenVLA-OFT ({inputs}; {outputs}{'' if oft.stop_token else '; no </s> after the slots'})"
         else:
             family = "OpenVLA (one view, 7 tokens decoded one by one)"
-        greedy = self.describe_actions(True, self.eval_uses_l1_head)
+        greedy = self.describe_actions(True, self.eval_uses_l1_head, official=self.env.official_decode)
         return "\n".join([f"model: {family}", f"norm stats: {self.describe_norm_stats()}",
                           f"greedy evaluation: {greedy}", f"sampling: over the {config.n_action_bins} action ids"])
 
