@@ -6,9 +6,11 @@ initial state (the same task, 8 states), per seed, with the shipped init. No tra
 
 Per seed: the mean total-variation distance between pi(first token | s) for two instructions at the same state, the
 same for two states under the same instruction, and, per task, the probability that the first step's dx and dy
-(the first action token's bin sign) points towards that task's target.
+(the first action token's bin sign) points towards that task's target; and the coefficient of the action value v in
+a least-squares fit of each input's logits on the smooth rows' basis (its mean is the part every input shares).
 """
 import itertools
+import math
 
 import numpy as np
 import torch
@@ -16,6 +18,8 @@ import torch
 from trainer.build import EnvConfig, ModelConfig, QuantConfig, build_policy
 from trainer.dist import Dist, DistConfig
 from trainer.envs.toy import TARGET_POSITIONS, ToyReachEnv
+from trainer.models import SMOOTH_HEAD_FREQUENCIES
+from trainer.models.action_tokenizer import ActionTokenizer
 from trainer.models.lora import LoraSettings
 
 torch.set_num_threads(1)
@@ -29,7 +33,8 @@ for seed in (0, 1, 2):
     policy.eval()
     with torch.no_grad():
         out = policy(policy.prepare(obs).to(policy.device), use_cache=False)
-    probs = out.action_logits[:, -1].float().softmax(-1).view(len(tasks), len(states), -1)  # [task, state, 256]
+    logits = out.action_logits[:, -1].float()  # [task x state, 256]
+    probs = logits.softmax(-1).view(len(tasks), len(states), -1)  # [task, state, 256]
     tv = lambda a, b: float(0.5 * (a - b).abs().sum(-1).mean())
     across_instructions = np.mean([tv(probs[i], probs[j]) for i, j in itertools.combinations(tasks, 2)])
     across_states = np.mean([tv(probs[:, i], probs[:, j]) for i, j in itertools.combinations(states, 2)])
@@ -39,5 +44,15 @@ for seed in (0, 1, 2):
     for t in tasks:
         positive = probs[t, :, :128].sum(-1).mean()
         toward.append(float(positive if TARGET_POSITIONS[t][0] > 0 else 1 - positive))
+    # The smooth action rows' basis in the action value v (smooth_action_rows): fit each input's logits on it; the
+    # coefficient of v is the term that tilts the distribution towards one sign of dx.
+    tokenizer = ActionTokenizer(policy.config.base_vocab_size, policy.config.n_action_bins)
+    v = torch.from_numpy(tokenizer.decode(torch.arange(tokenizer.first_action_id, tokenizer.base_vocab_size))).float()
+    basis = [torch.ones_like(v), v]
+    for k in range(1, SMOOTH_HEAD_FREQUENCIES + 1):
+        basis += [torch.cos(math.pi * k * v), torch.sin(math.pi * k * v)]
+    linear = torch.linalg.lstsq(torch.stack(basis, 1), logits.T).solution[1]  # [inputs]
+    print(f"seed {seed}: coefficient of v in the logits: mean over inputs {float(linear.mean()):+.3f}, "
+          f"sd over inputs {float(linear.std()):.3f}")
     print(f"seed {seed}: TV across instructions {across_instructions:.4f} | across initial states {across_states:.4f} "
           f"| P(first dx towards the target) per task " + " ".join(f"{p:.2f}" for p in toward))
