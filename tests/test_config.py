@@ -141,6 +141,13 @@ def test_the_phase_schedule_refuses_its_bad_values_when_the_config_is_read():
         load_config(["--config", CONFIG, "--algo.phases.handover_greedy_start", "1.5"])
 
 
+def test_the_unbiased_tiny_head_is_refused_outside_the_tiny_presets_on_the_toy_task():
+    assert load_config(["--config", CONFIG, "--model.tiny_unbiased_head", "true"]).model.tiny_unbiased_head
+    with pytest.raises(ConfigError, match="model.tiny_unbiased_head is for the tiny presets on the toy task .* "
+                                          "env.suite libero_spatial"):
+        load_config(["--config", CONFIG, "--model.tiny_unbiased_head", "true", "--env.suite", "libero_spatial"])
+
+
 def test_options_under_their_old_names_load_under_the_new_ones_with_a_warning(tmp_path):
     """Run directories written before the rename (config.yaml) and old command lines keep working; the warning names
     each old option with its new name."""

@@ -21,9 +21,10 @@ from trainer.dist import Dist
 from trainer.engine import OptimConfig, Scheduler
 from trainer.envs import LIBERO_SUITES, SUITES
 from trainer.envs.inline import InlinePool
+from trainer.envs.toy import toy_observations
 from trainer.envs.pool import EnvPool
 from trainer.envs.render import choose_render_env, detect_gpu_count
-from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
+from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer, unbias_action_rows
 from trainer.models.lora import QUANT_MODES, LoraSettings, apply_lora, check_quantization, int8_optimizer, quantize_int8
 from trainer.models.memory import choose_gradient_checkpointing, free_device_bytes, update_memory
 
@@ -76,6 +77,10 @@ class ModelConfig:
     oft_stop_token: bool | None = None
     """OFT: </s> after the action slots (null: as the checkpoint says, else true, as OpenVLA-OFT); false for
     checkpoints trained with RLinf's OFT port."""
+    tiny_unbiased_head: bool = False
+    """Tiny presets on the toy task only: take out of the action-token rows the hidden-state directions that every toy
+    input shares, so that the random policy prefers no action whatever the seed. Off: some seeds start with dx tilted
+    to one side for every instruction and do not learn (docs/learning.md, "Seeds")."""
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -179,6 +184,8 @@ def build_policy(model: ModelConfig, lora: LoraSettings, quant: QuantConfig, env
     if lora.enabled:
         vla = apply_lora(vla, lora)
     policy = VLAPolicy(vla, tokenizer, env_settings(env), value_head=value_head)
+    if model.tiny_unbiased_head:
+        unbias_action_rows(policy, toy_observations())
     if policy.value_head is not None:
         policy.value_head.to(torch.float32)
     return policy.to(dist.device)

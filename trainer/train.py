@@ -276,6 +276,10 @@ class RunConfig:
                 check_quantization(self.quant.mode, self.dist.backend)
             except ValueError as error:
                 found.append(str(error))
+        if self.model.tiny_unbiased_head and not (self.model.source in ("tiny", "tiny-oft") and self.env.suite == "toy"):
+            found.append("model.tiny_unbiased_head is for the tiny presets on the toy task (model.source tiny or "
+                         f"tiny-oft, env.suite toy); this run has model.source {self.model.source}, "
+                         f"env.suite {self.env.suite}")
         if self.algo.beta > 0 and not self.lora.enabled:
             found.append(f"algo.beta = {self.algo.beta}: the KL reference is the base model with the LoRA adapters "
                          "switched off, so it needs lora.enabled true; set algo.beta 0 to train without LoRA")

@@ -263,3 +263,9 @@ class ToyReachEnv:
             proprio=proprio,
             instruction=self.instruction(self._task_id),
         )
+
+
+def toy_observations(states_per_task: int = 8) -> list[Observation]:
+    """One reset observation per (task, initial state 0..states_per_task-1), seeded by the state: a fixed probe set."""
+    env = ToyReachEnv()
+    return [env.reset(task, state, seed=state) for task in range(env.num_tasks()) for state in range(states_per_task)]

@@ -80,6 +80,38 @@ def smooth_action_rows(model: OpenVLA, seed: int) -> None:
         rows.copy_(0.02 * rows / rows.std() + SMOOTH_HEAD_SCALE * basis.to(head.dtype) @ directions.to(head.dtype))
 
 
+def unbias_action_rows(policy: VLAPolicy, observations: list) -> None:
+    """Remove from the action-token rows of the output layer the hidden-state directions that all `observations`
+    share, one per action position (the mean hidden state there, teacher-forced on the policy's greedy tokens).
+
+    For the tiny presets on the toy task (`model.tiny_unbiased_head`): their rows are smooth in the action value
+    (`smooth_action_rows`) along random hidden directions, and the part of the hidden state every input shares
+    projects onto them, so a seed could start with dx tilted to one side for every instruction (docs/learning.md,
+    "Seeds"). Afterwards the action logits carry only what differs between inputs.
+    """
+    vla = policy.base_model
+    head = vla.language_model.lm_head
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    was_training = policy.training
+    policy.eval()
+    try:
+        with torch.no_grad():
+            inputs = policy.prepare(observations).to(policy.device)
+            tokens = policy.act(inputs, greedy=True).token_ids
+            captured.clear()
+            policy.evaluate(inputs, tokens)
+    finally:
+        handle.remove()
+        policy.train(was_training)
+    shared = captured[-1].float().mean(0)  # [action positions, hidden]
+    basis, _ = torch.linalg.qr(shared.T)  # [hidden, positions], orthonormal
+    first = vla.first_action_id
+    with torch.no_grad():
+        rows = head.weight[first: first + vla.config.n_action_bins]
+        rows.sub_(((rows.float() @ basis) @ basis.T).to(rows.dtype))
+
+
 def _random_model(name: str, seed: int, device="cpu", benchmark_stats: bool = False, dtype: torch.dtype = torch.float32):
     config = preset(name)
     if benchmark_stats:  # random weights for benchmarks: identity bounds under every suite's key
