@@ -79,8 +79,9 @@ class ModelConfig:
     checkpoints trained with RLinf's OFT port."""
     tiny_unbiased_head: bool = False
     """Tiny presets on the toy task only: take out of the action-token rows the hidden-state directions that every toy
-    input shares, so that the random policy prefers no action whatever the seed. Off: some seeds start with dx tilted
-    to one side for every instruction and do not learn (docs/learning.md, "Seeds")."""
+    input shares, so that the random policy prefers no action whatever the seed (off: seeds 1 and 2 start with dx
+    tilted to one side for every instruction). An experiment, off by default: on GRPO it took seed 1 to the bar and
+    seed 2 to two tasks, but seed 0 learned less (docs/learning.md, "Seeds")."""
 
     def problems(self) -> list[str]:
         found: list[str] = []
