@@ -10,7 +10,6 @@ same for two states under the same instruction, and, per task, the probability t
 a least-squares fit of each input's logits on the smooth rows' basis (its mean is the part every input shares).
 """
 import itertools
-import math
 
 import numpy as np
 import torch
@@ -18,8 +17,7 @@ import torch
 from trainer.build import EnvConfig, ModelConfig, QuantConfig, build_policy
 from trainer.dist import Dist, DistConfig
 from trainer.envs.toy import TARGET_POSITIONS, ToyReachEnv
-from trainer.models import SMOOTH_HEAD_FREQUENCIES
-from trainer.models.action_tokenizer import ActionTokenizer
+from trainer.models import smooth_row_basis
 from trainer.models.lora import LoraSettings
 
 torch.set_num_threads(1)
@@ -46,12 +44,9 @@ for seed in (0, 1, 2):
         toward.append(float(positive if TARGET_POSITIONS[t][0] > 0 else 1 - positive))
     # The smooth action rows' basis in the action value v (smooth_action_rows): fit each input's logits on it; the
     # coefficient of v is the term that tilts the distribution towards one sign of dx.
-    tokenizer = ActionTokenizer(policy.config.base_vocab_size, policy.config.n_action_bins)
-    v = torch.from_numpy(tokenizer.decode(torch.arange(tokenizer.first_action_id, tokenizer.base_vocab_size))).float()
-    basis = [torch.ones_like(v), v]
-    for k in range(1, SMOOTH_HEAD_FREQUENCIES + 1):
-        basis += [torch.cos(math.pi * k * v), torch.sin(math.pi * k * v)]
-    linear = torch.linalg.lstsq(torch.stack(basis, 1), logits.T).solution[1]  # [inputs]
+    basis = smooth_row_basis(policy.config)  # column 0 is v
+    with_constant = torch.cat([torch.ones(len(basis), 1), basis], dim=1)
+    linear = torch.linalg.lstsq(with_constant, logits.T).solution[1]  # [inputs]
     print(f"seed {seed}: coefficient of v in the logits: mean over inputs {float(linear.mean()):+.3f}, "
           f"sd over inputs {float(linear.std()):.3f}")
     print(f"seed {seed}: TV across instructions {across_instructions:.4f} | across initial states {across_states:.4f} "

@@ -51,6 +51,18 @@ SMOOTH_HEAD_FREQUENCIES = 4  # basis of the action rows: the bin value, then cos
 SMOOTH_HEAD_SCALE = 0.5  # random policy near-uniform (entropy ~5.3 of ln 256 = 5.55), confident once h aligns
 
 
+def smooth_row_basis(config: VLAConfig) -> torch.Tensor:
+    """phi(value(bin)) for the action ids in vocabulary order: [n_bins, 2K + 1] with columns v, cos(pi v), sin(pi v),
+    ..., cos(K pi v), sin(K pi v) (K = SMOOTH_HEAD_FREQUENCIES), v the bin's action value in [-1, 1]."""
+    tokenizer = ActionTokenizer(config.base_vocab_size, config.n_action_bins)
+    ids = torch.arange(tokenizer.first_action_id, tokenizer.base_vocab_size)
+    values = torch.from_numpy(tokenizer.decode(ids)).float()
+    basis = [values]
+    for k in range(1, SMOOTH_HEAD_FREQUENCIES + 1):
+        basis += [torch.cos(math.pi * k * values), torch.sin(math.pi * k * values)]
+    return torch.stack(basis, dim=1)
+
+
 def smooth_action_rows(model: OpenVLA, seed: int) -> None:
     """Make the output rows of the 256 action tokens smooth functions of the action value each bin stands for.
 
@@ -63,19 +75,12 @@ def smooth_action_rows(model: OpenVLA, seed: int) -> None:
     sampled each, and most of each update fits sampling noise (measured on the toy task: docs/learning.md). Used by
     the tiny presets only (random weights); the released checkpoints' rows are trained.
     """
-    config = model.config
-    tokenizer = ActionTokenizer(config.base_vocab_size, config.n_action_bins)
-    ids = torch.arange(tokenizer.first_action_id, tokenizer.base_vocab_size)
-    values = torch.from_numpy(tokenizer.decode(ids)).float()  # [256] in [-1, 1]
-    basis = [values]
-    for k in range(1, SMOOTH_HEAD_FREQUENCIES + 1):
-        basis += [torch.cos(math.pi * k * values), torch.sin(math.pi * k * values)]
-    basis = torch.stack(basis, dim=1)  # [256, 2K + 1]
+    basis = smooth_row_basis(model.config)  # [256, 2K + 1]
     head = model.language_model.lm_head.weight
     generator = torch.Generator().manual_seed(seed + 1)
     directions = torch.randn(basis.shape[1], head.shape[1], generator=generator) / math.sqrt(head.shape[1])
     with torch.no_grad():
-        rows = head[tokenizer.first_action_id: tokenizer.base_vocab_size]
+        rows = head[model.first_action_id: model.first_action_id + model.config.n_action_bins]
         # A little of the random row keeps every bin distinguishable (the basis alone ties a few symmetric pairs).
         rows.copy_(0.02 * rows / rows.std() + SMOOTH_HEAD_SCALE * basis.to(head.dtype) @ directions.to(head.dtype))
 
