@@ -21,9 +21,9 @@ from trainer.dist import Dist
 from trainer.engine import OptimConfig, Scheduler
 from trainer.envs import LIBERO_SUITES, SUITES
 from trainer.envs.inline import InlinePool
-from trainer.envs.toy import toy_observations
 from trainer.envs.pool import EnvPool
 from trainer.envs.render import choose_render_env, detect_gpu_count
+from trainer.envs.toy import toy_observations
 from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer, unbias_action_rows
 from trainer.models.lora import QUANT_MODES, LoraSettings, apply_lora, check_quantization, int8_optimizer, quantize_int8
 from trainer.models.memory import choose_gradient_checkpointing, free_device_bytes, update_memory

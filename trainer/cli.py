@@ -30,7 +30,7 @@ from trainer.config import Choice, ConfigError, check, load
 from trainer.dist import Dist, stop_watching_peers, wait_for_lost_peer
 from trainer.envs.toy import ToyReachEnv
 from trainer.evaluate import evaluate, protocol_items
-from trainer.models import EnvSettings, VLAPolicy, build_model, load_model_and_tokenizer, manifest, preset
+from trainer.models import TINY_PRESETS, EnvSettings, VLAPolicy, build_model, load_model_and_tokenizer, manifest, preset
 from trainer.models.config import VLAConfig
 
 # --- train -------------------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def cmd_act(args: argparse.Namespace) -> int:
     result = policy.act(inputs, greedy=True)
     elapsed = time.perf_counter() - start
     np.set_printoptions(precision=3, suppress=True)
-    origin = f"random init, seed {args.seed}" if args.model in ("tiny", "tiny-oft") else f"loaded from {args.model}"
+    origin = f"random init, seed {args.seed}" if args.model in TINY_PRESETS else f"loaded from {args.model}"
     print(f"model {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, {origin})")
     print(f"instruction: {observation.instruction!r}")
     print(f"action tokens: {result.token_ids[0].tolist()}")

@@ -51,7 +51,7 @@ from trainer.envs.sharding import WorkItem, build_work_items, sample_groups, sha
 from trainer.evaluate import evaluate, protocol_items
 from trainer.learner import Batch, Counts, Learner, Samples
 from trainer.logging import LogConfig, RunLogger
-from trainer.models import VLAPolicy
+from trainer.models import TINY_PRESETS, VLAPolicy
 from trainer.models.lora import LoraSettings, check_quantization, format_breakdown, trainable_breakdown
 from trainer.rollout import Episode, collect_episodes
 
@@ -276,7 +276,7 @@ class RunConfig:
                 check_quantization(self.quant.mode, self.dist.backend)
             except ValueError as error:
                 found.append(str(error))
-        if self.model.tiny_unbiased_head and not (self.model.source in ("tiny", "tiny-oft") and self.env.suite == "toy"):
+        if self.model.tiny_unbiased_head and not (self.model.source in TINY_PRESETS and self.env.suite == "toy"):
             found.append("model.tiny_unbiased_head is for the tiny presets on the toy task (model.source tiny or "
                          f"tiny-oft, env.suite toy); this run has model.source {self.model.source}, "
                          f"env.suite {self.env.suite}")

@@ -47,6 +47,7 @@ def _identity_norm_stats() -> dict:
     return {suite: stats for suite in SUITES if suite != "toy"}
 
 
+TINY_PRESETS = ("tiny", "tiny-oft")  # model.source values built here with random weights (no checkpoint)
 SMOOTH_HEAD_FREQUENCIES = 4  # basis of the action rows: the bin value, then cos / sin of k·pi·value for k = 1..4
 SMOOTH_HEAD_SCALE = 0.5  # random policy near-uniform (entropy ~5.3 of ln 256 = 5.55), confident once h aligns
 
@@ -127,7 +128,7 @@ def _random_model(name: str, seed: int, device="cpu", benchmark_stats: bool = Fa
     try:
         with torch.device(device):
             model = build_model(config, seed=seed)
-            if name in ("tiny", "tiny-oft"):
+            if name in TINY_PRESETS:
                 smooth_action_rows(model, seed)
     finally:
         torch.set_default_dtype(previous)
@@ -140,7 +141,7 @@ def load_model_and_tokenizer(source: str, seed: int = 0, dtype: torch.dtype = to
     """`source`: a tiny preset ("tiny", "tiny-oft": random init, seeded); "random:<preset>" (any preset with random
     weights, built directly on `device` — for benchmarks; its tokenizer is a synthetic one of the same vocabulary
     size); or a local checkpoint directory (`family`, `num_images`, `stop_token`: see trainer.models.loading)."""
-    if source in ("tiny", "tiny-oft"):
+    if source in TINY_PRESETS:
         model, tokenizer = _random_model(source, seed)
         return model.to(device=device, dtype=dtype), tokenizer
     if source.startswith(RANDOM_PREFIX) and source[len(RANDOM_PREFIX):] in PRESETS:
