@@ -27,6 +27,7 @@ from trainer.envs.toy import toy_observations
 from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer, unbias_action_rows
 from trainer.models.lora import QUANT_MODES, LoraSettings, apply_lora, check_quantization, int8_optimizer, quantize_int8
 from trainer.models.memory import choose_gradient_checkpointing, free_device_bytes, update_memory
+from trainer.models.openvla import compile_blocks_for_training
 
 # --- config sections -------------------------------------------------------------------------------------------------
 
@@ -77,6 +78,11 @@ class ModelConfig:
     oft_stop_token: bool | None = None
     """OFT: </s> after the action slots (null: as the checkpoint says, else true, as OpenVLA-OFT); false for
     checkpoints trained with RLinf's OFT port."""
+    compile_blocks: bool = False
+    """torch.compile every ViT block and language-model layer for the update's forward and backward (fewer, fused
+    kernels; the first update pays the compilation, about a minute at full size). Rollouts and evaluation run the
+    blocks eagerly, unchanged. One process or DDP only (FSDP2 and DeepSpeed wrap the same blocks with their own hooks:
+    refused there, untried)."""
     tiny_unbiased_head: bool = False
     """Tiny presets on the toy task only: take out of the action-token rows the hidden-state directions that every toy
     input shares, so that the random policy prefers no action whatever the seed (off: seeds 1 and 2 start with dx
@@ -144,6 +150,9 @@ class EnvConfig:
         return found
 
 
+COMPILING_BACKENDS = ("single", "ddp")  # model.compile_blocks: where no backend hooks wrap the blocks
+
+
 # --- builders --------------------------------------------------------------------------------------------------------
 
 
@@ -175,6 +184,11 @@ def build_policy(model: ModelConfig, lora: LoraSettings, quant: QuantConfig, env
     """Model (tiny preset or local checkpoint) -> optional int8 base -> LoRA -> policy with optional value head.
     `micro_batch_size`: the update's, for model.gradient_checkpointing "auto"."""
     check_quantization(quant.mode, dist.backend)
+    if model.compile_blocks and dist.backend not in COMPILING_BACKENDS:
+        raise ValueError(f"model.compile_blocks works with one process or DDP, not {dist.backend}: set "
+                         "model.compile_blocks false")
+    if model.compile_blocks and quant.mode == QuantMode.INT8:
+        raise ValueError("model.compile_blocks with an int8 base (quant.mode int8) is untried: set one of them off")
     vla, tokenizer = load_model_and_tokenizer(model.source, seed=seed, dtype=compute_dtype(model, dist.device),
                                               family=model.family, device=dist.device, num_images=model.num_images,
                                               stop_token=model.oft_stop_token)
@@ -185,6 +199,8 @@ def build_policy(model: ModelConfig, lora: LoraSettings, quant: QuantConfig, env
     if lora.enabled:
         vla = apply_lora(vla, lora)
     policy = VLAPolicy(vla, tokenizer, env_settings(env), value_head=value_head)
+    if model.compile_blocks:
+        compile_blocks_for_training(policy.base_model)
     if model.tiny_unbiased_head:
         unbias_action_rows(policy, toy_observations())
     if policy.value_head is not None:

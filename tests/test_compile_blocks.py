@@ -1,0 +1,83 @@
+"""model.compile_blocks: the update's forward and backward through torch.compile'd ViT blocks and decoder layers give
+the eager numbers; rollouts never compile (their forwards run without gradients, eagerly, token for token as before).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import randomize_lora_b
+from torch._dynamo.utils import counters
+
+from trainer.build import EnvConfig, ModelConfig, QuantConfig, QuantMode, build_policy
+from trainer.envs.toy import toy_observations
+from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
+from trainer.models.lora import LoraSettings, apply_lora
+from trainer.models.openvla import compile_blocks_for_training
+
+
+def _policy(compiled: bool) -> VLAPolicy:
+    model, tokenizer = load_model_and_tokenizer("tiny-oft", seed=0, dtype=torch.float32)
+    model = apply_lora(model, LoraSettings(rank=4))
+    randomize_lora_b(model)
+    policy = VLAPolicy(model, tokenizer, EnvSettings("none", False, "toy"), value_head=False)
+    if compiled:
+        assert compile_blocks_for_training(policy.base_model) == 3 + 3 + 2  # both towers' blocks, the LLM's layers
+    return policy
+
+
+def _rollout_and_update(policy: VLAPolicy, checkpointing: bool):
+    inputs = policy.prepare(toy_observations()[:3])
+    with torch.no_grad():
+        acted = policy.act(inputs, greedy=False, noise=policy.sampling_noise(3, torch.Generator().manual_seed(1)))
+    if checkpointing:
+        policy.base_model.gradient_checkpointing_enable()
+    policy.train()
+    policy.zero_grad()
+    new = policy.evaluate(inputs, acted.token_ids, temperature=1.3)
+    (new.log_probs * torch.linspace(-1, 1, new.log_probs.numel()).view_as(new.log_probs)).sum().backward()
+    grads = {name: p.grad.clone() for name, p in policy.named_parameters() if p.grad is not None}
+    policy.base_model.gradient_checkpointing_disable()
+    policy.eval()
+    return acted, new.log_probs.detach(), grads
+
+
+@pytest.fixture(scope="module")
+def eager_and_compiled():
+    return _policy(False), _policy(True)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_update_matches_eager_and_rollouts_stay_eager(eager_and_compiled, checkpointing):
+    eager, compiled = eager_and_compiled
+    counters.clear()
+    eager_acted, eager_log_probs, eager_grads = _rollout_and_update(eager, checkpointing)
+    assert counters["stats"]["unique_graphs"] == 0
+    compiled_acted, log_probs, grads = _rollout_and_update(compiled, checkpointing)
+    # the rollout (no gradients) compiled nothing and acted exactly as the eager policy
+    assert torch.equal(compiled_acted.token_ids, eager_acted.token_ids)
+    assert torch.equal(compiled_acted.log_probs, eager_acted.log_probs)
+    # the update went through compiled graphs (a first call compiles; a later one may find them cached)
+    assert counters["stats"]["calls_captured"] > 0 or checkpointing
+    torch.testing.assert_close(log_probs, eager_log_probs, rtol=1e-4, atol=1e-4)
+    assert eager_grads.keys() == grads.keys() and len(grads) > 20  # LoRA of both towers, projector and the LLM
+    assert any("featurizer" in name for name in grads) and any("language_model" in name for name in grads)
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_compile_blocks_refused_where_backends_wrap_the_blocks():
+    settings = dict(lora=LoraSettings(rank=4), env=EnvConfig(), value_head=False, seed=0)
+    for backend in ("fsdp", "deepspeed_zero3"):
+        dist = SimpleNamespace(backend=backend, device=torch.device("cpu"))
+        with pytest.raises(ValueError, match=f"one process or DDP, not {backend}"):
+            build_policy(ModelConfig(compile_blocks=True, gradient_checkpointing=False), quant=QuantConfig(),
+                         dist=dist, **settings)
+    with pytest.raises(ValueError, match="int8"):
+        build_policy(ModelConfig(compile_blocks=True, gradient_checkpointing=False),
+                     quant=QuantConfig(mode=QuantMode.INT8), dist=SimpleNamespace(backend="single",
+                                                                                  device=torch.device("cpu")),
+                     **settings)
