@@ -15,6 +15,9 @@
 #                                      # iterations on the LIBERO stand-in with each lever on its own and together
 #                                      # ($OUT/levers.json); GPU 1 checks CUDA-graph decoding against the eager paths
 #                                      # and times OpenVLA's decode vs the plain-transformers ceiling ($OUT/decode.json)
+#   bash scripts/bench_gpu.sh update_levers  # issue 13 (2-GPU host, < 10 min): OpenVLA / OFT updates eager vs
+#                                      # model.compile_blocks with the LoRA ceiling, then FSDP2 / ZeRO-3, each with
+#                                      # one profiled step ($OUT/update.json, update_oft.json)
 #   bash scripts/bench_gpu.sh scaling  # issue 13 items 3-4 (2-GPU host, < 9 min): update samples/s on 1 GPU with the
 #                                      # LoRA ceiling, then DDP, FSDP2, FSDP2 without reshard, ZeRO-3 on 2 GPUs; each
 #                                      # step of 3 reported (ranges) and the scaling vs 1 GPU ($OUT/scaling.json)
@@ -189,6 +192,49 @@ case "$stage" in
         --label $setup --out "$OUT/scaling.json"
     done
     $PY -c "import json, sys; r = json.load(open(sys.argv[1])); [print('SUMMARY', k, {n: round(x, 3) for n, x in v.items()}) for k, v in r.get('ratios', {}).items()]" "$OUT/scaling.json"
+    ;;
+  update_levers)
+    # issue 13's update levers, profiled (2-GPU host, < 10 min). First two 1-GPU halves at once: GPU 0 the OpenVLA
+    # update as the LoRA ceiling runs (284 tokens, recompute) with that ceiling, eager then model.compile_blocks;
+    # GPU 1 the OFT update as the end-to-end runs train (591 tokens, no recompute), eager then compiled. Then the
+    # 2-GPU update with FSDP2 and DeepSpeed ZeRO-3 (the overlap variant unless ZERO3_SETUPS says otherwise). Every
+    # update adds one step under torch.profiler (GPU idle share, kernels, collective calls): $OUT/update*.json.
+    steps=${STEPS:-3}
+    one_gpu() {
+      local gpu=$1 file=$2; shift 2
+      CUDA_VISIBLE_DEVICES=$gpu timeout ${UPDATE_TIMEOUT:-150} $PY -m trainer bench --update-batch 16 --steps $steps \
+        --profile-step --label single --out "$OUT/$file" "$@" 2>&1 | grep -v -E "Warning|warn\(|kernels-community"
+    }
+    start=$SECONDS
+    (one_gpu 0 update.json --parts lora_ceiling,update; one_gpu 0 update.json --parts update --compile-blocks) \
+      > "$OUT/update_openvla.log" 2>&1 &
+    (one_gpu 1 update_oft.json --parts update --models openvla-7b-oft --no-recompute
+     one_gpu 1 update_oft.json --parts update --models openvla-7b-oft --no-recompute --compile-blocks) \
+      > "$OUT/update_oft.log" 2>&1 &
+    wait
+    echo "=== 1-GPU halves took $((SECONDS - start)) s"
+    tail -n 8 "$OUT/update_openvla.log" "$OUT/update_oft.log"
+    for setup in fsdp_1node ${ZERO3_SETUPS:-deepspeed_zero3_overlap}; do
+      LAUNCH_TIMEOUT=${LAUNCH_TIMEOUT:-150} launch accelerate_configs/$setup.yaml -m trainer bench --parts update \
+        --update-batch 16 --steps $steps --profile-step --label $setup --out "$OUT/update.json"
+    done
+    $PY - "$OUT" <<'PYEOF'
+import json, sys
+for name in ("update.json", "update_oft.json"):
+    try:
+        report = json.load(open(f"{sys.argv[1]}/{name}"))
+    except OSError:
+        continue
+    for u in report.get("update", []):
+        p = u.get("profiled_step", {})
+        print("SUMMARY", name, u["label"], u["model"], u["variant"], "w", u["world_size"], "samples/s",
+              round(u["samples_per_s"], 2), u["samples_per_s_repeats"]["values"], "peak", round(u["peak_gb_per_gpu"], 1),
+              "idle", round(p.get("gpu_idle_share", -1), 3), "kernels", p.get("gpu_kernels"),
+              "comm s", round(p.get("kernel_seconds_by_kind", {}).get("communication (nccl)", 0), 3),
+              "collectives", p.get("collective_calls"))
+    for k, v in report.get("ratios", {}).items():
+        print("SUMMARY", name, k, {n: round(x, 3) for n, x in v.items()})
+PYEOF
     ;;
   e2e2)
     for backend in ${BACKENDS:-fsdp_1node ddp_2gpu deepspeed_zero3}; do

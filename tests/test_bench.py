@@ -44,10 +44,11 @@ def test_kernel_time_is_split_by_kind_and_ignores_cpu_events():
         event("kInt8VectorQuant<__half, 1024, 1>", cuda, 250),
         event("multi_tensor_apply_kernel<AdamFunctor>", cuda, 125),
         event("void at::native::vectorized_elementwise_kernel<8>", cuda, 100),
+        event("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", cuda, 2000),
         event("aten::mm", cpu, 99999),
     ])
     assert bench.kernel_time_by_kind(prof) == pytest.approx({
-        "matmul": 0.004, "attention": 0.0005, "int8 quantise/dequantise": 0.00025, "optimizer (foreach)": 0.000125,
+        "communication (nccl)": 0.002, "matmul": 0.004, "attention": 0.0005, "int8 quantise/dequantise": 0.00025, "optimizer (foreach)": 0.000125,
         "elementwise / other": 0.0001})
 
 
@@ -203,3 +204,22 @@ def test_the_update_part_reports_each_step_and_the_scaling_against_one_gpu():
                                            "vs_one_gpu_max": pytest.approx(39 / 19)},
         "scaling_deepspeed_zero3_w2_b16": {"vs_one_gpu": pytest.approx(1.5), "vs_one_gpu_min": pytest.approx(29 / 21),
                                            "vs_one_gpu_max": pytest.approx(31 / 19)}}
+
+
+def test_the_update_part_profiles_a_step_and_names_its_variant():
+    """--profile-step: one more step under torch.profiler with its kernel count and the collectives called (none in
+    one process); --no-recompute names the variant, which keys the ratios and the scaling apart from the default."""
+    variant = bench.UpdateVariant(recompute=False)
+    result = bench.measure_update(2, preset="tiny", steps=1, lora_targets="llm-linear", objective=benchmark_objective(),
+                                  variant=variant, profile_step=True)
+    assert result["variant"] == "no_recompute" and bench.UpdateVariant().name == "recompute"
+    assert bench.UpdateVariant(compile_blocks=True).name == "recompute_compiled"
+    profiled = result["profiled_step"]
+    assert profiled["wall_seconds"] > 0 and profiled["collective_calls"] == {}
+    assert set(profiled["kernel_seconds_by_kind"]) >= {"matmul", "communication (nccl)", "elementwise / other"}
+    assert result["profiled_step_gpu_busy_share_all_ranks"] == [1 - profiled["gpu_idle_share"]]
+    # a one-GPU update of another variant is not the reference of the default variant's multi-GPU figure
+    single = dict(result, model="openvla-7b", per_gpu_batch=16)
+    multi = dict(single, backend="fsdp", label="fsdp", world_size=2, variant="recompute")
+    assert bench.scaling([single, multi]) == {}
+    assert list(bench.scaling([single, dict(multi, variant="no_recompute")])) == ["scaling_fsdp_w2_b16_no_recompute"]

@@ -446,7 +446,7 @@ def test_accelerate_configs_translate_to_the_backend_environment():
     configs = ROOT / "accelerate_configs"
     expected = {"fsdp_1node.yaml", "fsdp_multinode.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
                 "deepspeed_zero3_offload.yaml", "ddp_2gpu.yaml", "single_gpu.yaml", "single_gpu_8bit.yaml",
-                "ddp_2gpu_8bit.yaml", "cpu_2proc.yaml"}
+                "ddp_2gpu_8bit.yaml", "cpu_2proc.yaml", "deepspeed_zero3_overlap.yaml"}
     assert expected <= {p.name for p in configs.glob("*.yaml")}
     for name in ("fsdp_1node.yaml", "fsdp_multinode.yaml"):
         env = accelerate_config_env(configs / name)
@@ -454,7 +454,8 @@ def test_accelerate_configs_translate_to_the_backend_environment():
         assert env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "LlamaDecoderLayer,Block"
         assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
     for name, stage, offload in (("deepspeed_zero2.yaml", 2, False), ("deepspeed_zero3.yaml", 3, False),
-                                 ("deepspeed_zero3_offload.yaml", 3, True)):
+                                 ("deepspeed_zero3_offload.yaml", 3, True),
+                                 ("deepspeed_zero3_overlap.yaml", 3, False)):
         env = accelerate_config_env(configs / name)
         assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
         ds = json.loads(Path(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).read_text())

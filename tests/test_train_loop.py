@@ -115,6 +115,9 @@ def test_outputs_config_metrics_plots_and_a_failing_wandb_never_stop_the_run(tmp
         assert 0.0 <= record["rollout/success_rate"] <= 1.0
         assert 0.0 <= record["eval/greedy_success_rate"] <= 1.0
         assert record["guard/skipped_steps_total"] == 0.0
+        # where the iteration's time went: the update and the rollout (policy, env, input stacking) inside it
+        assert 0 < record["time/update_seconds"] < record["time/iteration_seconds"]
+        assert 0 < record["time/prepare_seconds"] < record["time/rollout_seconds"] < record["time/iteration_seconds"]
         if record["train/samples"] > 0:
             assert isinstance(record["train/loss"], float) and record["train/grad_norm"] > 0
         else:  # no update ran (every group all-equal): the keys are there, empty

@@ -28,9 +28,14 @@ SETUPS = {  # name: (accelerate config or None for one process, script arguments
     "single": (None, []),
     "zero3": ("deepspeed_zero3.yaml", []),
     "zero3_no_recompute": ("deepspeed_zero3.yaml", ["--no-recompute"]),
+    "zero3_overlap": ("deepspeed_zero3_overlap.yaml", []),
     "fsdp": ("fsdp_1node.yaml", []),
     "fsdp_no_reshard": ("fsdp_1node_no_reshard.yaml", []),
 }
+
+
+def json_name(accelerate_config: str) -> str:
+    return "zero3.json" if accelerate_config == "deepspeed_zero3.yaml" else "zero3_overlap.json"
 
 
 class Runs:
@@ -49,7 +54,7 @@ class Runs:
             else:
                 env["TRAINER_ACCELERATE_CONFIG"] = str(ROOT / "accelerate_configs" / config)
                 if config.startswith("deepspeed_zero3"):  # every tensor partitioned, as a 7B model's are (see
-                    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())  # test_distributed.py)
+                    ds = json.loads((ROOT / "ds_configs" / json_name(config)).read_text())  # test_distributed.py)
                     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
                     path = self.root / "zero3_all_partitioned.json"
                     path.write_text(json.dumps(ds))
@@ -91,3 +96,15 @@ def test_fsdp2_without_reshard_gathers_once_per_unit_and_gives_the_same_weights(
     assert _max_diff(kept_weights, default_weights) == 0.0
     assert _max_diff(kept_weights, single) < WEIGHT_ATOL
     assert [m["train/loss"] for m in kept["metrics"]] == [m["train/loss"] for m in default["metrics"]]
+
+
+@pytest.mark.multiproc
+def test_zero3_with_overlapped_communication_trains_like_one_process(runs):
+    """ds_configs/zero3_overlap.json (a benchmark variant: overlap_comm, larger prefetch and live-parameter budgets)
+    gathers no more than the default and trains as one process does."""
+    report, weights = runs("zero3_overlap")
+    partitioned, _ = runs("zero3")
+    _, single = runs("single")
+    assert report["backend"] == "deepspeed_zero3" and report["world_size"] == 2
+    assert 0 < report["collectives"]["allgather"] <= partitioned["collectives"]["allgather"]
+    assert _max_diff(weights, single) < WEIGHT_ATOL

@@ -31,6 +31,7 @@ import json
 import re
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -250,35 +251,56 @@ def _synthetic_samples(policy, count: int) -> Samples:
     return samples
 
 
-def _lora_policy(preset: str, dist: Dist, lora_targets: str = "all-linear", int8: bool = False) -> VLAPolicy:
-    """The random full-size policy with LoRA r=32 and gradient checkpointing, built as training builds it."""
-    return build_policy(ModelConfig(source=f"random:{preset}", dtype=Dtype.BF16, gradient_checkpointing=True),
+def _lora_policy(preset: str, dist: Dist, lora_targets: str = "all-linear", int8: bool = False,
+                 variant: UpdateVariant | None = None) -> VLAPolicy:
+    """The random full-size policy with LoRA r=32 (gradient recompute unless `variant` says otherwise), built as
+    training builds it."""
+    variant = variant or UpdateVariant()
+    return build_policy(ModelConfig(source=f"random:{preset}", dtype=Dtype.BF16,
+                                    gradient_checkpointing=variant.recompute, compile_blocks=variant.compile_blocks),
                         LoraSettings(rank=32, alpha=16, target_modules=lora_targets),
                         QuantConfig(mode=QuantMode.INT8 if int8 else QuantMode.NONE, optimizer_8bit=int8),
                         EnvConfig(suite=Suite.LIBERO_SPATIAL), dist, value_head=False, seed=0)
 
 
-def _lora_engine(preset: str, lora_targets: str, int8: bool = False) -> Engine:
+@dataclass(frozen=True)
+class UpdateVariant:
+    """How the benchmarked update runs: gradient recompute (as the LoRA ceiling) and model.compile_blocks."""
+
+    recompute: bool = True
+    compile_blocks: bool = False
+
+    @property
+    def name(self) -> str:
+        return "_".join(["recompute" if self.recompute else "no_recompute"] + ["compiled"] * self.compile_blocks)
+
+
+def _lora_engine(preset: str, lora_targets: str, int8: bool = False, variant: UpdateVariant | None = None) -> Engine:
     """`_lora_policy`, its optimizer and the launch's engine, set up as training does."""
     dist = Dist.create()
     optim = OptimConfig()
-    policy = _lora_policy(preset, dist, lora_targets, int8)
+    policy = _lora_policy(preset, dist, lora_targets, int8, variant)
     optimizer, _ = build_optimizer(optim, policy, iterations=1, optimizer_8bit=int8)
     return setup_engine(dist, policy, optimizer, optim)
 
 
-def _update_setup(batch: int, int8: bool, preset: str, lora_targets: str) -> tuple[Engine, Samples]:
+def _update_setup(batch: int, int8: bool, preset: str, lora_targets: str,
+                  variant: UpdateVariant | None = None) -> tuple[Engine, Samples]:
     """The policy with LoRA r=32, its optimizer and engine, built and set up as training does, and synthetic samples."""
-    engine = _lora_engine(preset, lora_targets, int8)
+    engine = _lora_engine(preset, lora_targets, int8, variant)
     return engine, _synthetic_samples(engine.policy, batch)
 
 
 def measure_update(batch: int, int8: bool = False, preset: str = "openvla-7b", steps: int = 3,
-                   lora_targets: str = "all-linear", label: str | None = None, *, objective) -> dict:
+                   lora_targets: str = "all-linear", label: str | None = None, *, objective,
+                   variant: UpdateVariant | None = None, profile_step: bool = False) -> dict:
     """Samples/s of the real update step (one optimizer step per call) under the launch's backend: the mean over
     `steps` steps after one warm-up, and each step's rate (`samples_per_s_repeats`: median and range). `label` names
-    the set-up in the report (e.g. the accelerate config), default the backend."""
-    engine, samples = _update_setup(batch, int8, preset, lora_targets)
+    the set-up in the report (e.g. the accelerate config), default the backend. `profile_step`: then one more step
+    under torch.profiler on every rank: GPU busy and idle time, kernel time by kind (communication included) and the
+    collective calls by name (rank 0's, and each rank's busy share)."""
+    variant = variant or UpdateVariant()
+    engine, samples = _update_setup(batch, int8, preset, lora_targets, variant)
     dist = engine.dist
     learner = Learner(engine, epochs=1, mini_batches=1, micro_batch_size=batch, seed=0)
     loss_fn = functools.partial(objective, engine.policy, engine.model)
@@ -294,29 +316,37 @@ def measure_update(batch: int, int8: bool = False, preset: str = "openvla-7b", s
         _sync()
         each.append(time.perf_counter() - start)
 
-    step()  # warm-up
+    step()  # warm-up (and compilation)
     each.clear()
     for _ in range(steps):
         step()
     seconds = sum(each) / len(each)
     backend = dist.backend + ("+int8" if int8 else "")
     result = {"backend": backend, "label": label or backend, "world_size": dist.world_size,
-              "model": preset, "lora_targets": lora_targets,
+              "model": preset, "lora_targets": lora_targets, "variant": variant.name,
               "per_gpu_batch": batch, "seconds_per_step": seconds,
               "samples_per_s": batch * dist.world_size / seconds, "peak_gb_per_gpu": _peak_gb(),
               "skipped_steps": len(skipped),
               "samples_per_s_repeats": spread([batch * dist.world_size / s for s in each])}
     peaks = dist.gather_objects([_peak_gb()])
     result["peak_gb_per_gpu_all_ranks"] = peaks
+    if profile_step:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+        profiled = profiled_step(prof, each[-1])
+        result["profiled_step"] = profiled
+        result["profiled_step_gpu_busy_share_all_ranks"] = dist.gather_objects([1 - profiled["gpu_idle_share"]])
     return result if dist.is_main else {}
 
 
 def measure_update_phases(batch: int, int8: bool = False, preset: str = "openvla-7b", steps: int = 3,
-                          lora_targets: str = "all-linear", trace_dir: str | None = None, *, objective) -> dict:
+                          lora_targets: str = "all-linear", trace_dir: str | None = None, *, objective,
+                          variant: UpdateVariant | None = None) -> dict:
     """Where one update step's time goes (one GPU), from CUDA events around the same calls `Learner.update` makes
     (the objective, `Engine.backward`, `Engine.step`) plus hooks at the towers' and the projector's outputs; then
     one step under torch.profiler: GPU kernel time by kind, and the GPU's idle share of the step."""
-    engine, samples = _update_setup(batch, int8, preset, lora_targets)
+    variant = variant or UpdateVariant()
+    engine, samples = _update_setup(batch, int8, preset, lora_targets, variant)
     dist, policy = engine.dist, engine.policy
     base, marks = policy.base_model, {}
     indices = list(range(len(samples)))
@@ -377,6 +407,7 @@ def measure_update_phases(batch: int, int8: bool = False, preset: str = "openvla
     if not dist.is_main:
         return {}
     return {"model": preset, "lora_targets": lora_targets, "int8": int8, "per_gpu_batch": batch,
+            "variant": variant.name, "launches_per_step": profiled_step(prof, wall)["gpu_kernels"],
             "seconds_per_step": sum(totals.values()),
             "samples_per_s": batch / sum(totals.values()), "peak_gb": peak, "phases_seconds": phases,
             "profiled_step": {"wall_seconds": wall, "gpu_busy_seconds": busy, "gpu_idle_share": 1 - busy / wall,
@@ -402,10 +433,31 @@ class Mark:
         return later.time - self.time
 
 
-def kernel_time_by_kind(prof) -> dict[str, float]:
-    """Seconds of GPU kernels of a profiled region, by kind (matrix multiplies, attention, the rest)."""
+def profiled_step(prof, wall_seconds: float) -> dict:
+    """One profiled step: GPU kernel time by kind, busy and idle shares of the step's wall time, the number of GPU
+    kernels, and the collective operations called (name -> calls, CPU side)."""
+    kernels = kernel_time_by_kind(prof)
+    busy = sum(kernels.values())
+    collectives: dict[str, int] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA and COLLECTIVE.search(event.name):
+            collectives[event.name] = collectives.get(event.name, 0) + 1
+    gpu_kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return {"wall_seconds": wall_seconds, "gpu_busy_seconds": busy, "gpu_idle_share": max(0.0, 1 - busy / wall_seconds),
+            "kernel_seconds_by_kind": kernels, "gpu_kernels": gpu_kernels,
+            "collective_calls": dict(sorted(collectives.items(), key=lambda kv: -kv[1])[:12])}
 
-    kinds = {"matmul": re.compile(r"gemm|cutlass|xmma|nvjet|cublas|sm\d+_.*(?:mma|tensorop)", re.I),
+
+COLLECTIVE = re.compile(r"^(c10d::|nccl:)|all_gather|allgather|reduce_scatter|all_reduce|allreduce|broadcast", re.I)
+
+
+def kernel_time_by_kind(prof) -> dict[str, float]:
+    """Seconds of GPU kernels of a profiled region, by kind (matrix multiplies, attention, communication, the rest).
+    Communication kernels overlap compute where the backend overlaps them, so kinds may add up to more than the wall
+    time of a step."""
+
+    kinds = {"communication (nccl)": re.compile(r"nccl", re.I),
+             "matmul": re.compile(r"gemm|cutlass|xmma|nvjet|cublas|sm\d+_.*(?:mma|tensorop)", re.I),
              "attention": re.compile(r"flash|fmha|attention|sdpa", re.I),
              "int8 quantise/dequantise": re.compile(r"int8|quant|igemm", re.I),
              "optimizer (foreach)": re.compile(r"multi_tensor|foreach|adam", re.I)}
@@ -753,12 +805,13 @@ def ratios(report: dict) -> dict:
         if batch in ceiling.get("lora_train", {}) and update.get("model", "openvla-7b") == "openvla-7b":
             ceiling_rate = ceiling["lora_train"][batch]["samples_per_s"]
             targets = "" if update.get("lora_targets", "all-linear") == "all-linear" else f"_{update['lora_targets']}"
+            targets += _variant_suffix(update)
             out[f"update_{update.get('label', update['backend'])}_w{update['world_size']}_b{batch}{targets}"] = {
                 "per_gpu_vs_lm_lora": update["samples_per_s"] / update["world_size"] / ceiling_rate}
     for phases in report.get("phases", []):
         batch = phases["per_gpu_batch"]
         if batch in ceiling.get("lora_train", {}) and phases["model"] == "openvla-7b":
-            name = f"phases_{phases['lora_targets']}{'_int8' if phases['int8'] else ''}_b{batch}"
+            name = f"phases_{phases['lora_targets']}{'_int8' if phases['int8'] else ''}_b{batch}{_variant_suffix(phases)}"
             out[name] = {"vs_lm_lora": phases["samples_per_s"] / ceiling["lora_train"][batch]["samples_per_s"]}
     return out
 
@@ -766,19 +819,28 @@ def ratios(report: dict) -> dict:
 def scaling(updates: list[dict]) -> dict:
     """Each multi-GPU update against the one-GPU update of the same model, LoRA targets and batch per GPU (the last
     measured of each): `vs_one_gpu` (2.0 = perfect on 2 GPUs), with the range from the repeats' extremes."""
-    single = {(u.get("model"), u.get("lora_targets"), u["per_gpu_batch"]): u for u in updates
-              if u["world_size"] == 1 and u["backend"] == "single"}
+    def key(u):
+        return u.get("model"), u.get("lora_targets"), u["per_gpu_batch"], u.get("variant", "recompute")
+
+    single = {key(u): u for u in updates if u["world_size"] == 1 and u["backend"] == "single"}
     out = {}
     for update in updates:
-        one = single.get((update.get("model"), update.get("lora_targets"), update["per_gpu_batch"]))
+        one = single.get(key(update))
         if update["world_size"] == 1 or one is None:
             continue
         row = {"vs_one_gpu": update["samples_per_s"] / one["samples_per_s"]}
         if "samples_per_s_repeats" in update and "samples_per_s_repeats" in one:
             many, base = update["samples_per_s_repeats"], one["samples_per_s_repeats"]
             row.update(vs_one_gpu_min=many["min"] / base["max"], vs_one_gpu_max=many["max"] / base["min"])
-        out[f"scaling_{update.get('label', update['backend'])}_w{update['world_size']}_b{update['per_gpu_batch']}"] = row
+        name = f"scaling_{update.get('label', update['backend'])}_w{update['world_size']}_b{update['per_gpu_batch']}"
+        out[name + _variant_suffix(update)] = row
     return out
+
+
+def _variant_suffix(result: dict) -> str:
+    """"" for the default update (recompute, eager blocks), else "_<variant>"."""
+    variant = result.get("variant", "recompute")
+    return "" if variant == "recompute" else f"_{variant}"
 
 
 def markdown(report: dict) -> str:
@@ -892,6 +954,7 @@ def main(args, objective, advantages=None) -> int:
     report["date"] = datetime.date.today().isoformat()
     parts = set(args.parts.split(","))
     args.models = args.models or [args.preset]
+    variant = UpdateVariant(recompute=not args.no_recompute, compile_blocks=args.compile_blocks)
     result = None
     if "ceiling" in parts:
         report["ceiling"] = measure_ceiling(device, batches=tuple(args.batches), preset_name=args.preset)
@@ -904,7 +967,8 @@ def main(args, objective, advantages=None) -> int:
         for model in args.models:
             for targets in args.lora_targets:
                 result = measure_update_phases(args.update_batch, int8=args.int8, preset=model, steps=args.steps,
-                                               lora_targets=targets, trace_dir=args.trace_dir, objective=objective)
+                                               lora_targets=targets, trace_dir=args.trace_dir, objective=objective,
+                                               variant=variant)
                 if result:
                     report.setdefault("phases", []).append(result)
                 gc.collect()
@@ -913,7 +977,8 @@ def main(args, objective, advantages=None) -> int:
         for model in args.models:
             for targets in args.lora_targets:
                 result = measure_update(args.update_batch, int8=args.int8, steps=args.steps, preset=model,
-                                        lora_targets=targets, label=args.label, objective=objective)
+                                        lora_targets=targets, label=args.label, objective=objective,
+                                        variant=variant, profile_step=args.profile_step)
                 if result:
                     report.setdefault("update", []).append(result)
                 gc.collect()

@@ -260,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--models", nargs="*", help="presets for the update / phases parts (default: --preset)")
     bench_cmd.add_argument("--lora-targets", nargs="*", default=["all-linear"], choices=["all-linear", "llm-linear"],
                            help="LoRA targets for the update / phases parts (each one measured)")
+    bench_cmd.add_argument("--compile-blocks", action="store_true",
+                           help="update / phases parts: model.compile_blocks (torch.compile'd blocks in the update)")
+    bench_cmd.add_argument("--no-recompute", action="store_true",
+                           help="update / phases parts: no gradient recompute (the LoRA ceiling recomputes)")
+    bench_cmd.add_argument("--profile-step", action="store_true",
+                           help="update part: one more step under torch.profiler on every rank (GPU idle share, "
+                                "kernel time by kind, collective calls)")
     bench_cmd.add_argument("--trace-dir", help="phases part: also write a chrome trace of the profiled step here")
     bench_cmd.add_argument("--label", help="update part: the set-up's name in the report (default: the backend), "
                                            "e.g. the accelerate config")

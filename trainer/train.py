@@ -572,10 +572,12 @@ def train(config: RunConfig) -> dict:
             loss_fn = functools.partial(objective, config.algo, policy, engine.model,
                                         temperature=config.rollout.temperature, bc_phase=bc_phase,
                                         critic_only=critic_only)
+            update_started = time.perf_counter()
             with logger.progress(f"update {iteration + 1}", total=None) as bar:
                 update = learner.update(samples, loss_fn, iteration, progress=bar,
                                         padding_inputs=next((e.inputs[0] for e in episodes if e.inputs), None),
                                         should_stop=stop)
+            update_seconds = time.perf_counter() - update_started  # ends in a metric reduction: the GPU is done
             if update.stopped:  # abandoned between micro-batches: iteration not counted, schedule not moved
                 if update.steps_taken:
                     saved_iteration = None  # the weights moved since: save them
@@ -606,6 +608,8 @@ def train(config: RunConfig) -> dict:
                 "time/rollout_seconds": rollout_stats.wall_seconds,
                 "time/policy_seconds": rollout_stats.policy_seconds,
                 "time/env_seconds": rollout_stats.env_seconds,
+                "time/prepare_seconds": rollout_stats.prepare_seconds,
+                "time/update_seconds": update_seconds,
             }
             if config.train.eval_every > 0 and (state.iteration % config.train.eval_every == 0
                                                 or state.iteration == config.train.iterations):
