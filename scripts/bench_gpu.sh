@@ -268,10 +268,11 @@ PYEOF
     ;;
   libero_e2e2)
     libero_setup || continue
-    e2e libero_oft_fsdp2_2gpu timeout ${E2E_TIMEOUT:-540} $PY -m accelerate.commands.launch --config_file \
-      accelerate_configs/fsdp_1node.yaml --num_processes 2 -m trainer train --config configs/bench_libero_oft.yaml \
+    setup=${E2E2_CONFIG:-fsdp_1node}; name=libero_oft_${setup%%_*}_2gpu; name=${name/fsdp_/fsdp2_}
+    e2e $name timeout ${E2E_TIMEOUT:-540} $PY -m accelerate.commands.launch --config_file \
+      accelerate_configs/$setup.yaml --num_processes 2 -m trainer train --config configs/bench_libero_oft.yaml \
       --env.groups_per_iteration 8 --train.iterations $ITERATIONS $E2E_ARGS
-    e2e_summary libero_oft_fsdp2_2gpu
+    e2e_summary $name
     ;;
   multinode)
     libero_setup || continue
