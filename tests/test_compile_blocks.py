@@ -11,7 +11,7 @@ import torch
 from helpers import randomize_lora_b
 from torch._dynamo.utils import counters
 
-from trainer.build import EnvConfig, ModelConfig, QuantConfig, QuantMode, build_policy
+from trainer.build import EnvConfig, ModelConfig, QuantConfig, QuantMode, build_policy, compiles_blocks
 from trainer.envs.toy import toy_observations
 from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
 from trainer.models.lora import LoraSettings, apply_lora
@@ -81,3 +81,23 @@ def test_compile_blocks_refused_where_backends_wrap_the_blocks():
                      quant=QuantConfig(mode=QuantMode.INT8), dist=SimpleNamespace(backend="single",
                                                                                   device=torch.device("cpu")),
                      **settings)
+
+
+def test_auto_compiles_on_a_gpu_where_supported_and_never_refuses():
+    def dist(backend, device):
+        return SimpleNamespace(backend=backend, device=torch.device(device))
+
+    plain, int8 = QuantConfig(), QuantConfig(mode=QuantMode.INT8)
+    assert compiles_blocks("auto", dist("single", "cuda"), plain) and compiles_blocks("auto", dist("ddp", "cuda"), plain)
+    assert not compiles_blocks("auto", dist("single", "cpu"), plain)  # CPU runs (tests, the demo): eager
+    assert not compiles_blocks("auto", dist("fsdp", "cuda"), plain)
+    assert not compiles_blocks("auto", dist("deepspeed_zero3", "cuda"), plain)
+    assert not compiles_blocks("auto", dist("single", "cuda"), int8)
+    assert compiles_blocks(True, dist("single", "cpu"), plain) and not compiles_blocks(False, dist("ddp", "cuda"), plain)
+    # the default on this CPU machine builds eager blocks
+    policy = build_policy(ModelConfig(source="tiny-oft"), LoraSettings(rank=4), QuantConfig(), EnvConfig(),
+                          dist("single", "cpu"), value_head=False, seed=0)
+    assert ModelConfig().compile_blocks == "auto"
+    assert not any(hasattr(block, "training_forward") for block in policy.base_model.language_model.model.layers)
+    assert ModelConfig(compile_blocks="sometimes").problems() == [
+        "compile_blocks = 'sometimes'; expected true, false or auto"]

@@ -76,12 +76,13 @@ def compile_blocks_for_training(model: "OpenVLA") -> int:
     # A class's code object is recompiled for each tower's shapes, for a first block whose input needs no gradient,
     # and for prompt lengths and micro-batch sizes (then with dynamic shapes); past the limit dynamo runs eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    torch._dynamo.config.suppress_errors = True  # a block that fails to compile runs eagerly (with a warning)
     for block in blocks:
         eager = block.forward
-        compiled = torch.compile(eager)
+        block.training_forward = torch.compile(eager)
 
-        def forward(*args, _eager=eager, _compiled=compiled, **kwargs):
-            return (_compiled if torch.is_grad_enabled() else _eager)(*args, **kwargs)
+        def forward(*args, _eager=eager, _block=block, **kwargs):
+            return (_block.training_forward if torch.is_grad_enabled() else _eager)(*args, **kwargs)
 
         block.forward = forward
     return len(blocks)
