@@ -18,6 +18,8 @@
 #   bash scripts/bench_gpu.sh update_levers  # issue 13 (2-GPU host, < 10 min): OpenVLA / OFT updates eager vs
 #                                      # model.compile_blocks with the LoRA ceiling, then FSDP2 / ZeRO-3, each with
 #                                      # one profiled step ($OUT/update.json, update_oft.json)
+#   bash scripts/bench_gpu.sh zero3    # ZeRO-3's update over 6 steps, default JSON and small parameters kept whole,
+#                                      # each with one profiled step ($OUT/zero3.json)
 #   bash scripts/bench_gpu.sh scaling  # issue 13 items 3-4 (2-GPU host, < 9 min): update samples/s on 1 GPU with the
 #                                      # LoRA ceiling, then DDP, FSDP2, FSDP2 without reshard, ZeRO-3 on 2 GPUs; each
 #                                      # step of 3 reported (ranges) and the scaling vs 1 GPU ($OUT/scaling.json)
@@ -235,6 +237,20 @@ for name in ("update.json", "update_oft.json"):
     for k, v in report.get("ratios", {}).items():
         print("SUMMARY", name, k, {n: round(x, 3) for n, x in v.items()})
 PYEOF
+    ;;
+  zero3)
+    # ZeRO-3's update over 6 steps (its first 2-3 steps are slow), each set-up with one profiled step: the default
+    # JSON, then the same with parameters up to 1M elements (the LoRA adapters) kept whole ($OUT/zero3.json)
+    steps=${STEPS:-6}
+    $PY -c "
+import json; c = json.load(open('ds_configs/zero3.json')); c['zero_optimization']['stage3_param_persistence_threshold'] = 10**6
+json.dump(c, open('/tmp/zero3_persistent.json', 'w'))
+s = open('accelerate_configs/deepspeed_zero3.yaml').read().replace('ds_configs/zero3.json', '/tmp/zero3_persistent.json')
+open('/tmp/deepspeed_zero3_persistent.yaml', 'w').write(s)"
+    for config in accelerate_configs/deepspeed_zero3.yaml /tmp/deepspeed_zero3_persistent.yaml; do
+      LAUNCH_TIMEOUT=${LAUNCH_TIMEOUT:-150} launch $config -m trainer bench --parts update --update-batch 16 \
+        --steps $steps --profile-step --label "$(basename $config .yaml)" --out "$OUT/zero3.json"
+    done
     ;;
   e2e2)
     for backend in ${BACKENDS:-fsdp_1node ddp_2gpu deepspeed_zero3}; do
