@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common import count_collectives, fixed_samples, rank_slice, run_update, tiny_config, tiny_engine, write_json
 from safetensors.torch import save_file
+from torch._dynamo.utils import counters
 
 from trainer.dist import Dist
 
@@ -25,10 +26,11 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--no-recompute", action="store_true", help="gradient checkpointing off")
+    parser.add_argument("--compile-blocks", action="store_true", help="model.compile_blocks true")
     args = parser.parse_args()
     out = Path(args.out)
     config = tiny_config(algo__micro_batch_size=args.micro_batch, model__gradient_checkpointing=not args.no_recompute,
-                         lora__include_lm_head=False)
+                         lora__include_lm_head=False, model__compile_blocks=args.compile_blocks)
     dist = Dist.create(config.dist)
     engine, _ = tiny_engine(config, dist)
     everything = fixed_samples(engine.policy)
@@ -42,7 +44,8 @@ def main() -> None:
     report = {"rank": dist.rank, "world_size": dist.world_size, "backend": dist.backend, "collectives": counts,
               "micro_batches": -(-per_rank // args.micro_batch),
               "metrics": [first.metrics, result["update"].metrics],
-              "z3_leaf_modules": sorted(set(leaves)), "z3_leaf_module_count": len(leaves)}
+              "z3_leaf_modules": sorted(set(leaves)), "z3_leaf_module_count": len(leaves),
+              "compiled_graphs": int(counters["stats"]["unique_graphs"])}
     state = engine.trainable_state()
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
