@@ -112,6 +112,9 @@ def test_pipelined_rollout_collects_the_same_episodes_and_overlaps_policy_and_en
     assert all(any(set(workers) <= half for half in halves) for kind, workers in piped_events if kind == "begin")
     assert all(size <= 2 for kind, size in piped_events if kind == "act")
     assert piped_stats.policy_calls == sum(1 for kind, _ in piped_events if kind == "act") > plain_stats.policy_calls
+    # the parent's time outside policy calls and env waits is timed in parts; only the pipeline sends on its own
+    assert piped_stats.send_seconds > 0 and plain_stats.send_seconds == 0
+    assert min(piped_stats.draw_seconds, piped_stats.record_seconds, plain_stats.record_seconds) > 0
     overlapped = 0
     for start, (kind, workers) in enumerate(piped_events):
         if kind != "begin":

@@ -118,6 +118,10 @@ def test_outputs_config_metrics_plots_and_a_failing_wandb_never_stop_the_run(tmp
         # where the iteration's time went: the update and the rollout (policy, env, input stacking) inside it
         assert 0 < record["time/update_seconds"] < record["time/iteration_seconds"]
         assert 0 < record["time/prepare_seconds"] < record["time/rollout_seconds"] < record["time/iteration_seconds"]
+        parts = ["policy", "env", "prepare", "draw", "send", "record"]
+        assert all(record[f"time/{part}_seconds"] >= 0 for part in parts)
+        assert record["time/draw_seconds"] > 0 and record["time/record_seconds"] > 0
+        assert sum(record[f"time/{part}_seconds"] for part in parts) <= record["time/rollout_seconds"]
         if record["train/samples"] > 0:
             assert isinstance(record["train/loss"], float) and record["train/grad_norm"] > 0
         else:  # no update ran (every group all-equal): the keys are there, empty

@@ -61,6 +61,11 @@ class RolloutStats:
     policy_seconds: float = 0.0
     prepare_seconds: float = 0.0
     env_seconds: float = 0.0  # wall time the parent waits in batched env calls (pipelined: in step_end and resets)
+    # the rest of the parent's time, in parts: sampling draws (greedy choices, noise), sending steps to the workers,
+    # storing the replies in the episodes (what a GPU run's rollout spends outside policy calls and env waits)
+    draw_seconds: float = 0.0
+    send_seconds: float = 0.0
+    record_seconds: float = 0.0
     policy_calls: int = 0
     env_steps: int = 0  # actions executed
     wall_seconds: float = 0.0
@@ -70,6 +75,9 @@ class RolloutStats:
             f"{prefix}/policy_seconds": self.policy_seconds,
             f"{prefix}/prepare_seconds": self.prepare_seconds,
             f"{prefix}/env_seconds": self.env_seconds,
+            f"{prefix}/draw_seconds": self.draw_seconds,
+            f"{prefix}/send_seconds": self.send_seconds,
+            f"{prefix}/record_seconds": self.record_seconds,
             f"{prefix}/env_steps": float(self.env_steps),
             f"{prefix}/env_steps_per_second": self.env_steps / max(self.wall_seconds, 1e-9),
             f"{prefix}/seconds": self.wall_seconds,
@@ -203,7 +211,7 @@ class _Rollout:
             tick = time.perf_counter()
             replies = self.pool.step(dict(zip(acted.workers, acted.env_actions)))
             self.stats.env_seconds += time.perf_counter() - tick
-            self.start_episodes(self.record(acted, replies))
+            self.start_episodes(self.timed_record(acted, replies))
 
     def pipelined(self, halves: list[list[int]], should_stop) -> None:
         """Alternate between the halves: collect a half's step, act for it and send its next step, then the other
@@ -217,7 +225,7 @@ class _Rollout:
                     tick = time.perf_counter()
                     replies = self.pool.step_end(pending)
                     self.stats.env_seconds += time.perf_counter() - tick
-                    self.start_episodes(self.record(acted, replies))
+                    self.start_episodes(self.timed_record(acted, replies))
                 if should_stop is not None and should_stop():
                     for other in in_flight:  # let the steps already sent finish and count, as in lockstep
                         if other is not None:
@@ -227,7 +235,9 @@ class _Rollout:
                 workers = [w for w in half if w in self.running]
                 if workers:
                     acted = self.act(workers)
+                    tick = time.perf_counter()
                     in_flight[turn] = (acted, self.pool.step_begin(dict(zip(acted.workers, acted.env_actions))))
+                    self.stats.send_seconds += time.perf_counter() - tick
 
     # --- pieces -------------------------------------------------------------------------------------------------
 
@@ -268,7 +278,9 @@ class _Rollout:
         tick = time.perf_counter()
         inputs = self.policy.prepare([self.observations[w] for w in workers])
         self.stats.prepare_seconds += time.perf_counter() - tick
+        tick = time.perf_counter()
         greedy, noise = self.draws(workers)
+        self.stats.draw_seconds += time.perf_counter() - tick
         tick = time.perf_counter()
         result = self.policy.act(inputs, greedy=greedy, temperature=self.temperature, model=self.model,
                                  use_l1_head=self.use_l1_head, noise=noise, decoder=self.decoder,
@@ -288,6 +300,12 @@ class _Rollout:
         if self.greedy_probability >= 1.0:
             return greedy, None
         return greedy, torch.cat([self.policy.sampling_noise(1, s) for s in streams])
+
+    def timed_record(self, acted: _Acted, replies) -> list[int]:
+        tick = time.perf_counter()
+        ended = self.record(acted, replies)
+        self.stats.record_seconds += time.perf_counter() - tick
+        return ended
 
     def record(self, acted: _Acted, replies) -> list[int]:
         """Store one step of each of these workers' episodes; returns the workers whose episode ended."""

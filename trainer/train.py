@@ -609,6 +609,9 @@ def train(config: RunConfig) -> dict:
                 "time/policy_seconds": rollout_stats.policy_seconds,
                 "time/env_seconds": rollout_stats.env_seconds,
                 "time/prepare_seconds": rollout_stats.prepare_seconds,
+                "time/draw_seconds": rollout_stats.draw_seconds,
+                "time/send_seconds": rollout_stats.send_seconds,
+                "time/record_seconds": rollout_stats.record_seconds,
                 "time/update_seconds": update_seconds,
             }
             if config.train.eval_every > 0 and (state.iteration % config.train.eval_every == 0
