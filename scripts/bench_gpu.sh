@@ -109,6 +109,7 @@ pinned() {  # run "$@" on the given CPU cores when taskset exists (its children,
 }
 ITERATIONS=${ITERATIONS:-3}
 E2E_ARGS=${E2E_ARGS:-}  # more trainer arguments for the LIBERO e2e / multinode stages (e.g. a tiny model for a CPU check)
+# libero_e2e only: OFT_ARGS / OPENVLA_ARGS go to that run alone (e.g. OPENVLA_ARGS="--rollout.pipeline false")
 
 for stage in "${@:-single}"; do
 case "$stage" in
@@ -276,9 +277,11 @@ open('/tmp/deepspeed_zero3_persistent.yaml', 'w').write(s)"
     libero_setup || continue
     half=$(( $(nproc) / 2 ))
     (CUDA_VISIBLE_DEVICES=0 e2e libero_oft_1gpu pinned 0-$((half - 1)) timeout ${E2E_TIMEOUT:-520} $PY -m trainer train \
-       --config configs/bench_libero_oft.yaml --train.iterations $ITERATIONS $E2E_ARGS) > "$OUT/e2e_libero_oft_1gpu.log" 2>&1 &
+       --config configs/bench_libero_oft.yaml --train.iterations $ITERATIONS $E2E_ARGS ${OFT_ARGS:-}) \
+       > "$OUT/e2e_libero_oft_1gpu.log" 2>&1 &
     (CUDA_VISIBLE_DEVICES=1 e2e libero_openvla_1gpu pinned $half-$(( 2 * half - 1 )) timeout ${E2E_TIMEOUT:-520} $PY -m \
-       trainer train --config configs/bench_libero_openvla.yaml $E2E_ARGS) > "$OUT/e2e_libero_openvla_1gpu.log" 2>&1 &
+       trainer train --config configs/bench_libero_openvla.yaml $E2E_ARGS ${OPENVLA_ARGS:-}) \
+       > "$OUT/e2e_libero_openvla_1gpu.log" 2>&1 &
     wait
     for name in libero_oft_1gpu libero_openvla_1gpu; do tail -15 "$OUT/e2e_$name.log"; e2e_summary $name; done
     ;;
