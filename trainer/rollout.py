@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,6 +70,13 @@ class RolloutStats:
     policy_calls: int = 0
     env_steps: int = 0  # actions executed
     wall_seconds: float = 0.0
+
+    @contextmanager
+    def timing(self, part: str):
+        """Add the block's wall time to `<part>_seconds`."""
+        start = time.perf_counter()
+        yield
+        setattr(self, f"{part}_seconds", getattr(self, f"{part}_seconds") + time.perf_counter() - start)
 
     def as_metrics(self, prefix: str = "rollout") -> dict[str, float]:
         return {
@@ -208,10 +216,11 @@ class _Rollout:
                 self.stop()
                 return
             acted = self.act(sorted(self.running))
-            tick = time.perf_counter()
-            replies = self.pool.step(dict(zip(acted.workers, acted.env_actions)))
-            self.stats.env_seconds += time.perf_counter() - tick
-            self.start_episodes(self.timed_record(acted, replies))
+            with self.stats.timing("env"):
+                replies = self.pool.step(dict(zip(acted.workers, acted.env_actions)))
+            with self.stats.timing("record"):
+                ended = self.record(acted, replies)
+            self.start_episodes(ended)
 
     def pipelined(self, halves: list[list[int]], should_stop) -> None:
         """Alternate between the halves: collect a half's step, act for it and send its next step, then the other
@@ -222,10 +231,11 @@ class _Rollout:
                 if in_flight[turn] is not None:
                     acted, pending = in_flight[turn]
                     in_flight[turn] = None
-                    tick = time.perf_counter()
-                    replies = self.pool.step_end(pending)
-                    self.stats.env_seconds += time.perf_counter() - tick
-                    self.start_episodes(self.timed_record(acted, replies))
+                    with self.stats.timing("env"):
+                        replies = self.pool.step_end(pending)
+                    with self.stats.timing("record"):
+                        ended = self.record(acted, replies)
+                    self.start_episodes(ended)
                 if should_stop is not None and should_stop():
                     for other in in_flight:  # let the steps already sent finish and count, as in lockstep
                         if other is not None:
@@ -235,9 +245,8 @@ class _Rollout:
                 workers = [w for w in half if w in self.running]
                 if workers:
                     acted = self.act(workers)
-                    tick = time.perf_counter()
-                    in_flight[turn] = (acted, self.pool.step_begin(dict(zip(acted.workers, acted.env_actions))))
-                    self.stats.send_seconds += time.perf_counter() - tick
+                    with self.stats.timing("send"):
+                        in_flight[turn] = (acted, self.pool.step_begin(dict(zip(acted.workers, acted.env_actions))))
 
     # --- pieces -------------------------------------------------------------------------------------------------
 
@@ -258,9 +267,8 @@ class _Rollout:
                                             record_frames=index in self.record_video_items)
         if not requests:
             return
-        tick = time.perf_counter()
-        replies = self.pool.reset(requests)
-        self.stats.env_seconds += time.perf_counter() - tick
+        with self.stats.timing("env"):
+            replies = self.pool.reset(requests)
         failed = []
         for worker, reply in replies.items():
             if reply.ok:
@@ -275,20 +283,17 @@ class _Rollout:
 
     def act(self, workers: list[int]) -> _Acted:
         """One batched policy call for these workers' envs, each sampling from its own episode's stream."""
-        tick = time.perf_counter()
-        inputs = self.policy.prepare([self.observations[w] for w in workers])
-        self.stats.prepare_seconds += time.perf_counter() - tick
-        tick = time.perf_counter()
-        greedy, noise = self.draws(workers)
-        self.stats.draw_seconds += time.perf_counter() - tick
-        tick = time.perf_counter()
-        result = self.policy.act(inputs, greedy=greedy, temperature=self.temperature, model=self.model,
-                                 use_l1_head=self.use_l1_head, noise=noise, decoder=self.decoder,
-                                 official_greedy=self.official_greedy)
-        # One copy to the host per tensor and call (not one per env): each copy waits for the device.
-        acted = _Acted(workers, inputs, result.env_actions, result.token_ids.cpu(), result.log_probs.cpu(),
-                       None if result.values is None else result.values.float().cpu(), greedy)
-        self.stats.policy_seconds += time.perf_counter() - tick
+        with self.stats.timing("prepare"):
+            inputs = self.policy.prepare([self.observations[w] for w in workers])
+        with self.stats.timing("draw"):
+            greedy, noise = self.draws(workers)
+        with self.stats.timing("policy"):
+            result = self.policy.act(inputs, greedy=greedy, temperature=self.temperature, model=self.model,
+                                     use_l1_head=self.use_l1_head, noise=noise, decoder=self.decoder,
+                                     official_greedy=self.official_greedy)
+            # One copy to the host per tensor and call (not one per env): each copy waits for the device.
+            acted = _Acted(workers, inputs, result.env_actions, result.token_ids.cpu(), result.log_probs.cpu(),
+                           None if result.values is None else result.values.float().cpu(), greedy)
         self.stats.policy_calls += 1
         return acted
 
@@ -300,12 +305,6 @@ class _Rollout:
         if self.greedy_probability >= 1.0:
             return greedy, None
         return greedy, torch.cat([self.policy.sampling_noise(1, s) for s in streams])
-
-    def timed_record(self, acted: _Acted, replies) -> list[int]:
-        tick = time.perf_counter()
-        ended = self.record(acted, replies)
-        self.stats.record_seconds += time.perf_counter() - tick
-        return ended
 
     def record(self, acted: _Acted, replies) -> list[int]:
         """Store one step of each of these workers' episodes; returns the workers whose episode ended."""
