@@ -402,16 +402,12 @@ def measure_update_phases(batch: int, int8: bool = False, preset: str = "openvla
     if trace_dir:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(trace_dir) / f"update_{preset}_{lora_targets}{'_int8' if int8 else ''}.json"))
-    kernels = kernel_time_by_kind(prof)
-    busy = sum(kernels.values())
     if not dist.is_main:
         return {}
     return {"model": preset, "lora_targets": lora_targets, "int8": int8, "per_gpu_batch": batch,
-            "variant": variant.name, "launches_per_step": profiled_step(prof, wall)["gpu_kernels"],
-            "seconds_per_step": sum(totals.values()),
+            "variant": variant.name, "seconds_per_step": sum(totals.values()),
             "samples_per_s": batch / sum(totals.values()), "peak_gb": peak, "phases_seconds": phases,
-            "profiled_step": {"wall_seconds": wall, "gpu_busy_seconds": busy, "gpu_idle_share": 1 - busy / wall,
-                              "kernel_seconds_by_kind": kernels},
+            "profiled_step": profiled_step(prof, wall),
             "backend": dist.backend, "world_size": dist.world_size,
             "top_ops": prof.key_averages().table(sort_by="self_device_time_total", row_limit=25),
             "top_cpu_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)}
