@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from trainer.dist import accelerate_config_env
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_distributed import ROOT, SCRIPTS, _env, _free_port, _max_diff, _run  # noqa: E402
 
@@ -33,10 +35,6 @@ SETUPS = {  # name: (accelerate config or None for one process, script arguments
     "fsdp_no_reshard": ("fsdp_1node_no_reshard.yaml", []),
     "fsdp_compiled": ("fsdp_1node.yaml", ["--compile-blocks"]),
 }
-
-
-def json_name(accelerate_config: str) -> str:
-    return "zero3.json" if accelerate_config == "deepspeed_zero3.yaml" else "zero3_overlap.json"
 
 
 class Runs:
@@ -54,10 +52,11 @@ class Runs:
                 command = [PYTHON, *script]
             else:
                 env["TRAINER_ACCELERATE_CONFIG"] = str(ROOT / "accelerate_configs" / config)
-                if config.startswith("deepspeed_zero3"):  # every tensor partitioned, as a 7B model's are (see
-                    ds = json.loads((ROOT / "ds_configs" / json_name(config)).read_text())  # test_distributed.py)
+                if config.startswith("deepspeed_zero3"):  # the config's JSON with every tensor partitioned, as a
+                    launch = accelerate_config_env(ROOT / "accelerate_configs" / config)  # 7B model's are (see
+                    ds = json.loads((ROOT / launch["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).read_text())  # test_distributed)
                     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-                    path = self.root / "zero3_all_partitioned.json"
+                    path = self.root / f"{name}_all_partitioned.json"
                     path.write_text(json.dumps(ds))
                     env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(path)
                 command = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
