@@ -70,7 +70,7 @@ def test_compiled_update_matches_eager_and_rollouts_stay_eager(eager_and_compile
 
 
 def test_compile_blocks_refused_under_deepspeed_and_int8():
-    settings = dict(lora=LoraSettings(rank=4), env=EnvConfig(), value_head=False, seed=0)
+    settings = {"lora": LoraSettings(rank=4), "env": EnvConfig(), "value_head": False, "seed": 0}
     for backend in ("deepspeed_zero2", "deepspeed_zero3"):
         dist = SimpleNamespace(backend=backend, device=torch.device("cpu"))
         with pytest.raises(ValueError, match=f"one process, DDP or FSDP2, not {backend}"):

@@ -65,7 +65,7 @@ def vit_patch_features(vit: nn.Module, images: torch.Tensor, checkpointing: bool
     return x[:, vit.num_prefix_tokens:]
 
 
-def compile_blocks_for_training(model: "OpenVLA") -> int:
+def compile_blocks_for_training(model: OpenVLA) -> int:
     """torch.compile each ViT block and language-model decoder layer, for forwards that build a graph (the update):
     an eager block launches each small op (norms, LoRA's two thin matmuls, residuals) on its own, and the update with
     LoRA on the towers is launch-bound (issue #13). Forwards without gradients (rollouts, evaluation, the reference
