@@ -94,14 +94,26 @@ for r in rows:
     g = lambda key: r.get(key) or 0.0
     print(f"SUMMARY e2e {name}: iteration {r['iteration']}: {g('time/env_steps_per_second'):.1f} env steps/s, "
           f"{g('rollout/env_steps'):.0f} env steps, iteration {g('time/iteration_seconds'):.1f} s = rollout "
-          f"{g('time/rollout_seconds'):.1f} s (policy {g('time/policy_seconds'):.1f}, env {g('time/env_seconds'):.1f}) "
-          f"+ update and the rest {g('time/iteration_seconds') - g('time/rollout_seconds'):.1f} s; env errors "
+          f"{g('time/rollout_seconds'):.1f} s (policy {g('time/policy_seconds'):.1f}, env {g('time/env_seconds'):.1f}, "
+          f"prepare {g('time/prepare_seconds'):.2f}, draw {g('time/draw_seconds'):.2f}, send {g('time/send_seconds'):.2f}, "
+          f"record {g('time/record_seconds'):.2f}; in the workers {g('time/worker_chunk_seconds'):.3f} s per chunk) "
+          f"+ update {g('time/update_seconds'):.1f} s + the rest "
+          f"{g('time/iteration_seconds') - g('time/rollout_seconds') - g('time/update_seconds'):.1f} s; env errors "
           f"{g('rollout/env_errors'):.0f}; peak {g('memory/peak_gb_per_gpu'):.1f} GB")
 PYEOF
 }
 egl_demo() {  # each rank's workers on its own GPU, EGL frames against OSMesa frames of the same states
   TAIL=30 run timeout ${DEMO_TIMEOUT:-210} $PY scripts/egl_demo.py --out "$OUT/egl_demo.json" \
     --reference .libero_kit/osmesa_reference_${LIBERO_SUITE}.npz
+}
+sample_stacks() {  # PYSPY_AT=<s>: py-spy samples the run whose command line starts with "$1" (and its env workers)
+  # for PYSPY_SECONDS from PYSPY_AT seconds on, waits included (--idle), into $OUT/$2 (collapsed stacks)
+  [[ -n "${PYSPY_AT:-}" ]] && command -v py-spy > /dev/null || return 0
+  sleep "$PYSPY_AT"
+  local pid; pid=$(pgrep -f -o "^$1") || { echo "=== py-spy: no process matches $1"; return 0; }
+  timeout $(( ${PYSPY_SECONDS:-30} + 30 )) py-spy record --pid "$pid" --subprocesses --idle --nonblocking --rate 50 \
+    --duration "${PYSPY_SECONDS:-30}" --format raw --output "$OUT/$2" 2>&1 | tail -3
+  echo "=== py-spy on pid $pid: $(wc -l < "$OUT/$2" 2>/dev/null || echo 0) distinct stacks"
 }
 pinned() {  # run "$@" on the given CPU cores when taskset exists (its children, the env workers, inherit it)
   local cores=$1; shift
@@ -279,6 +291,7 @@ open('/tmp/deepspeed_zero3_persistent.yaml', 'w').write(s)"
     (CUDA_VISIBLE_DEVICES=0 e2e libero_oft_1gpu pinned 0-$((half - 1)) timeout ${E2E_TIMEOUT:-520} $PY -m trainer train \
        --config configs/bench_libero_oft.yaml --train.iterations $ITERATIONS $E2E_ARGS ${OFT_ARGS:-}) \
        > "$OUT/e2e_libero_oft_1gpu.log" 2>&1 &
+    sample_stacks "$PY -m trainer train --config configs/bench_libero_oft.yaml" pyspy_oft.txt &
     (CUDA_VISIBLE_DEVICES=1 e2e libero_openvla_1gpu pinned $half-$(( 2 * half - 1 )) timeout ${E2E_TIMEOUT:-520} $PY -m \
        trainer train --config configs/bench_libero_openvla.yaml $E2E_ARGS ${OPENVLA_ARGS:-}) \
        > "$OUT/e2e_libero_openvla_1gpu.log" 2>&1 &

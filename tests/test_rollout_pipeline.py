@@ -115,6 +115,10 @@ def test_pipelined_rollout_collects_the_same_episodes_and_overlaps_policy_and_en
     # the parent's time outside policy calls and env waits is timed in parts; only the pipeline sends on its own
     assert piped_stats.send_seconds > 0 and plain_stats.send_seconds == 0
     assert min(piped_stats.draw_seconds, piped_stats.record_seconds, plain_stats.record_seconds) > 0
+    # the workers' own step time covers every chunk the episodes stored, in both loops
+    chunks = sum(len(e.token_ids) for e in plain)
+    assert plain_stats.worker_steps == piped_stats.worker_steps == chunks
+    assert plain_stats.worker_step_seconds > 0 and piped_stats.worker_step_seconds > 0
     overlapped = 0
     for start, (kind, workers) in enumerate(piped_events):
         if kind != "begin":

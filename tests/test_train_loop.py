@@ -121,6 +121,7 @@ def test_outputs_config_metrics_plots_and_a_failing_wandb_never_stop_the_run(tmp
         parts = ["policy", "env", "prepare", "draw", "send", "record"]
         assert all(record[f"time/{part}_seconds"] >= 0 for part in parts)
         assert record["time/draw_seconds"] > 0 and record["time/record_seconds"] > 0
+        assert 0 < record["time/worker_chunk_seconds"] <= record["time/worker_step_seconds"]
         assert sum(record[f"time/{part}_seconds"] for part in parts) <= record["time/rollout_seconds"]
         if record["train/samples"] > 0:
             assert isinstance(record["train/loss"], float) and record["train/grad_norm"] > 0

@@ -67,6 +67,10 @@ class RolloutStats:
     draw_seconds: float = 0.0
     send_seconds: float = 0.0
     record_seconds: float = 0.0
+    # time inside the workers' env.step (summed over workers): against env_seconds it tells whether a slow env wait
+    # is slow envs or envs left idle
+    worker_step_seconds: float = 0.0
+    worker_steps: int = 0  # step replies (action chunks) those seconds cover
     policy_calls: int = 0
     env_steps: int = 0  # actions executed
     wall_seconds: float = 0.0
@@ -86,6 +90,8 @@ class RolloutStats:
             f"{prefix}/draw_seconds": self.draw_seconds,
             f"{prefix}/send_seconds": self.send_seconds,
             f"{prefix}/record_seconds": self.record_seconds,
+            f"{prefix}/worker_step_seconds": self.worker_step_seconds,
+            f"{prefix}/worker_chunk_seconds": self.worker_step_seconds / max(self.worker_steps, 1),
             f"{prefix}/env_steps": float(self.env_steps),
             f"{prefix}/env_steps_per_second": self.env_steps / max(self.wall_seconds, 1e-9),
             f"{prefix}/seconds": self.wall_seconds,
@@ -318,6 +324,8 @@ class _Rollout:
                 continue
             step = reply.result
             self.stats.env_steps += step.steps_executed
+            self.stats.worker_step_seconds += reply.env_seconds
+            self.stats.worker_steps += 1
             episode.length += step.steps_executed
             if self.keep_trajectories:
                 episode.inputs.append(acted.inputs.select(slice(i, i + 1)))

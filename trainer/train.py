@@ -612,6 +612,9 @@ def train(config: RunConfig) -> dict:
                 "time/draw_seconds": rollout_stats.draw_seconds,
                 "time/send_seconds": rollout_stats.send_seconds,
                 "time/record_seconds": rollout_stats.record_seconds,
+                # inside the workers: summed over them, and per action chunk
+                "time/worker_step_seconds": rollout_stats.worker_step_seconds,
+                "time/worker_chunk_seconds": rollout_stats.worker_step_seconds / max(rollout_stats.worker_steps, 1),
                 "time/update_seconds": update_seconds,
             }
             if config.train.eval_every > 0 and (state.iteration % config.train.eval_every == 0
