@@ -54,6 +54,11 @@ def test_noise_is_finite_and_reproducible():
     b = sampling_noise(torch.Generator().manual_seed(3), (1000, 256))
     assert torch.equal(a, b) and torch.isfinite(a).all() and a.min() > -5 and a.max() < 17
     assert abs(float(a.mean()) - 0.5772) < 0.01  # the Euler-Mascheroni constant, Gumbel's mean
+    # exactly -log(-log(u)) of the stream's uniforms (in float64: within float32 rounding), u clamped above zero
+    uniform = torch.rand((1000, 256), generator=torch.Generator().manual_seed(3), dtype=torch.float32).double()
+    expected = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(torch.float32).tiny)))
+    assert a.dtype == torch.float32 and a.shape == (1000, 256)
+    torch.testing.assert_close(a.double(), expected, rtol=2e-6, atol=2e-6)
 
 
 def test_bucket_sizes():

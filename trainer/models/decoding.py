@@ -22,6 +22,7 @@ from __future__ import annotations
 import warnings
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
 from trainer.models.openvla import OpenVLA, VLAOutput
@@ -31,9 +32,15 @@ def sampling_noise(generator: torch.Generator | None, shape: tuple[int, ...]) ->
     """Gumbel(0, 1) noise on the CPU (float32) from `generator` (None: torch's global generator).
 
     From uniforms u in [tiny, 1): g = -log(-log(u)) lies in [-4.5, 16.6]; the truncation of the tails changes a
-    sample's probability by less than 1e-7."""
-    uniform = torch.rand(shape, generator=generator, dtype=torch.float32).clamp_(min=torch.finfo(torch.float32).tiny)
-    return -torch.log(-torch.log(uniform))
+    sample's probability by less than 1e-7.
+
+    The logarithms are numpy's: torch runs a log of this size (an OFT act: 56 x 256 per env) on its intra-op
+    threads, and in a rollout every core is busy stepping envs, so each call waited for descheduled threads:
+    17 ms per env and act, 5.5 s of a 34 s OFT iteration on an H200 host (docs/benchmarks.md). numpy's run on the
+    calling thread (about 0.05 ms)."""
+    uniform = torch.rand(shape, generator=generator, dtype=torch.float32).numpy()
+    np.maximum(uniform, np.finfo(np.float32).tiny, out=uniform)
+    return torch.from_numpy(-np.log(-np.log(uniform)))
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
