@@ -44,6 +44,15 @@ class EventPool:
         self.events.append(("reset", sorted(requests)))
         return self.pool.reset(requests, timeout_s)
 
+    def reset_begin(self, requests, timeout_s=None):
+        self.events.append(("reset_begin", sorted(requests)))
+        return self.pool.reset_begin(requests, timeout_s)
+
+    def reset_end(self, pending):
+        replies = self.pool.reset_end(pending)
+        self.events.append(("reset_end", sorted(replies)))
+        return replies
+
     def step(self, actions, timeout_s=None):
         self.events.append(("step", sorted(actions)))
         return self.pool.step(actions, timeout_s)
@@ -119,6 +128,13 @@ def test_pipelined_rollout_collects_the_same_episodes_and_overlaps_policy_and_en
     chunks = sum(len(e.token_ids) for e in plain)
     assert plain_stats.worker_steps == piped_stats.worker_steps == chunks
     assert plain_stats.worker_step_seconds > 0 and piped_stats.worker_step_seconds > 0
+    # a half's ended episodes reset while the other half acts: sent at once, collected at the half's next turn
+    reset_begins = [i for i, (kind, _) in enumerate(piped_events) if kind == "reset_begin"]
+    assert reset_begins and [kind for kind, _ in plain_events if kind.startswith("reset_")] == []
+    ends = [next(i for i in range(start + 1, len(piped_events))
+                 if piped_events[i] == ("reset_end", piped_events[start][1])) for start in reset_begins]
+    assert all(end > start + 1 for start, end in zip(reset_begins, ends))  # the other half's turn came first
+    assert any(any(kind == "act" for kind, _ in piped_events[start + 1:end]) for start, end in zip(reset_begins, ends))
     overlapped = 0
     for start, (kind, workers) in enumerate(piped_events):
         if kind != "begin":
@@ -178,8 +194,19 @@ def test_pool_step_begin_refuses_a_worker_whose_step_is_in_flight(toy_pool):
     pending = toy_pool.step_begin({0: chunk})
     with pytest.raises(RuntimeError, match="in flight"):
         toy_pool.step_begin({0: chunk})
+    with pytest.raises(RuntimeError, match="in flight"):
+        toy_pool.reset_begin({0: ResetRequest(0, 0, 3)})
     other = toy_pool.step_begin({1: chunk})  # another worker may step meanwhile
     assert toy_pool.step_end(other)[1].ok and toy_pool.step_end(pending)[0].ok
+    # resets the same way: worker 1 resets in the background while worker 0 steps; then worker 1 steps again
+    resets_before = toy_pool.stats.workers[1].resets
+    resetting = toy_pool.reset_begin({1: ResetRequest(2, 0, 5)})
+    with pytest.raises(RuntimeError, match="in flight"):
+        toy_pool.step_begin({1: chunk})
+    assert toy_pool.step({0: chunk})[0].ok
+    reply = toy_pool.reset_end(resetting)[1]
+    assert reply.ok and reply.observation is not None and toy_pool.stats.workers[1].resets == resets_before + 1
+    assert toy_pool.step({1: chunk})[1].ok
     assert toy_pool.step({0: chunk})[0].ok  # and worker 0 takes calls again
 
 

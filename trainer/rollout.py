@@ -230,10 +230,14 @@ class _Rollout:
 
     def pipelined(self, halves: list[list[int]], should_stop) -> None:
         """Alternate between the halves: collect a half's step, act for it and send its next step, then the other
-        half. Each policy call runs while the other half's workers step."""
-        in_flight: list[tuple[_Acted, object] | None] = [None] * len(halves)
+        half. Each policy call runs while the other half's workers step. A half's ended episodes reset the same way:
+        the resets are sent at once (building another task's simulator takes seconds) and their envs join the
+        half's act at its next turn, while the other half goes on acting and stepping."""
+        in_flight: list[tuple[_Acted, object] | None] = [None] * len(halves)  # per half: its step on the way
+        resetting: list[tuple[dict, object] | None] = [None] * len(halves)  # per half: (requests, resets on the way)
         while self.running:
             for turn, half in enumerate(halves):
+                ended = []
                 if in_flight[turn] is not None:
                     acted, pending = in_flight[turn]
                     in_flight[turn] = None
@@ -241,14 +245,24 @@ class _Rollout:
                         replies = self.pool.step_end(pending)
                     with self.stats.timing("record"):
                         ended = self.record(acted, replies)
-                    self.start_episodes(ended)
+                if resetting[turn] is not None:
+                    with self.stats.timing("env"):
+                        replies = self.pool.reset_end(resetting[turn][1])
+                    ended += self.receive_resets(replies)  # failed resets: their workers take the next items
+                requests = self.assign_items(ended)
+                with self.stats.timing("env"):
+                    resetting[turn] = (requests, self.pool.reset_begin(requests)) if requests else None
                 if should_stop is not None and should_stop():
                     for other in in_flight:  # let the steps already sent finish and count, as in lockstep
                         if other is not None:
                             self.record(other[0], self.pool.step_end(other[1]))
+                    for other in resetting:  # and the resets: no worker is left with a call in flight
+                        if other is not None:
+                            self.receive_resets(self.pool.reset_end(other[1]))
                     self.stop()
                     return
-                workers = [w for w in half if w in self.running]
+                waiting = resetting[turn][0] if resetting[turn] is not None else {}
+                workers = [w for w in half if w in self.running and w not in waiting]
                 if workers:
                     acted = self.act(workers)
                     with self.stats.timing("send"):
@@ -257,8 +271,15 @@ class _Rollout:
     # --- pieces -------------------------------------------------------------------------------------------------
 
     def start_episodes(self, workers: list[int]) -> None:
-        """Reset the given workers to the next pending items, in worker order; a failed reset passes its item's
-        turn on (the replacement worker takes the next item)."""
+        """Reset the given workers to the next pending items, in worker order, and wait for them; a failed reset
+        passes its item's turn on (the replacement worker takes the next item)."""
+        while requests := self.assign_items(workers):
+            with self.stats.timing("env"):
+                replies = self.pool.reset(requests)
+            workers = self.receive_resets(replies)
+
+    def assign_items(self, workers: list[int]) -> dict[int, ResetRequest]:
+        """Give the given workers the next pending items, in worker order; returns their reset requests."""
         requests = {}
         for worker in workers:
             if not self.pending:
@@ -271,10 +292,11 @@ class _Rollout:
             self.streams[index] = torch.Generator().manual_seed(episode_sampling_seed(self.base_seed, index))
             requests[worker] = ResetRequest(episode.item.task_id, episode.item.init_state_id, episode.seed,
                                             record_frames=index in self.record_video_items)
-        if not requests:
-            return
-        with self.stats.timing("env"):
-            replies = self.pool.reset(requests)
+        return requests
+
+    def receive_resets(self, replies) -> list[int]:
+        """Store the first observations of new episodes; returns the workers whose reset failed (their episodes end
+        with the error; the workers are free for the next items)."""
         failed = []
         for worker, reply in replies.items():
             if reply.ok:
@@ -284,8 +306,7 @@ class _Rollout:
             else:
                 self.finish(worker, reply.env_error)
                 failed.append(worker)
-        if failed:
-            self.start_episodes(failed)
+        return failed
 
     def act(self, workers: list[int]) -> _Acted:
         """One batched policy call for these workers' envs, each sampling from its own episode's stream."""

@@ -350,13 +350,24 @@ class EnvPool:
     # --- public API ---------------------------------------------------------------------------------------------
     def reset(self, requests: Mapping[int, ResetRequest], timeout_s: float | None = None) -> dict[int, ResetReply]:
         """Reset the addressed workers ({worker index: request}) to new episodes; other workers are left alone."""
+        return self.reset_end(self.reset_begin(requests, timeout_s))
+
+    def reset_begin(self, requests: Mapping[int, ResetRequest], timeout_s: float | None = None) -> PendingStep:
+        """The first half of `reset`: send the requests and return at once (as `step_begin` does for steps), so that
+        a rollout can act for other envs while these build their simulators. Collect the replies with `reset_end`."""
         self._check_open()
         for index, request in requests.items():
             self._check_index(index)
+            if self._workers[index].busy:
+                raise RuntimeError(f"worker {index} has a call in flight: collect it first")
             self._check_reset_request(index, request)
         started = time.perf_counter()
+        return PendingStep(self._send("reset", requests, timeout_s or self.reset_timeout_s), started)
+
+    def reset_end(self, pending: PendingStep) -> dict[int, ResetReply]:
+        """Wait for the replies of a `reset_begin` (up to its deadline); as `reset` returns them."""
         replies = {}
-        for index, (value, error, seconds) in self._call("reset", requests, timeout_s or self.reset_timeout_s).items():
+        for index, (value, error, seconds) in self._receive(pending.flight).items():
             worker, stats = self._workers[index], self.stats.workers[index]
             worker.episode_active = error is None
             if error is None:
@@ -364,7 +375,7 @@ class EnvPool:
                 stats.reset_seconds += seconds
             replies[index] = ResetReply(observation=value, env_error=error, env_seconds=seconds)
         self.stats.reset_calls += 1
-        self.stats.reset_call_seconds += time.perf_counter() - started
+        self.stats.reset_call_seconds += time.perf_counter() - pending.started
         return replies
 
     def step(self, actions: Mapping[int, np.ndarray], timeout_s: float | None = None) -> dict[int, StepReply]:
@@ -380,7 +391,7 @@ class EnvPool:
         for index, chunk in actions.items():
             self._check_index(index)
             if self._workers[index].busy:
-                raise RuntimeError(f"worker {index} has a step in flight: collect it with step_end first")
+                raise RuntimeError(f"worker {index} has a call in flight: collect it first")
             if not self._workers[index].episode_active:
                 raise RuntimeError(
                     f"worker {index} has no episode in progress (it ended, failed, or was never reset): reset it first"
