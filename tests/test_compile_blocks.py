@@ -90,8 +90,7 @@ def test_auto_compiles_on_a_gpu_where_supported_and_never_refuses():
     plain, int8 = QuantConfig(), QuantConfig(mode=QuantMode.INT8)
     assert compiles_blocks("auto", dist("single", "cuda"), plain) and compiles_blocks("auto", dist("ddp", "cuda"), plain)
     assert not compiles_blocks("auto", dist("single", "cpu"), plain)  # CPU runs (tests, the demo): eager
-    assert not compiles_blocks("auto", dist("fsdp", "cuda"), plain)  # allowed (true) but not measured on GPUs
-    assert compiles_blocks(True, dist("fsdp", "cuda"), plain)
+    assert compiles_blocks("auto", dist("fsdp", "cuda"), plain) and compiles_blocks(True, dist("fsdp", "cuda"), plain)
     assert not compiles_blocks("auto", dist("deepspeed_zero3", "cuda"), plain)
     assert not compiles_blocks("auto", dist("single", "cuda"), int8)
     assert compiles_blocks(True, dist("single", "cpu"), plain) and not compiles_blocks(False, dist("ddp", "cuda"), plain)
