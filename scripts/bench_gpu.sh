@@ -29,7 +29,9 @@
 #                                           # EGL vs OSMesa frames (writes libero_costs.json, egl_demo.json)
 #   bash scripts/bench_gpu.sh egl_demo      # the EGL part of libero_costs alone (each rank's workers on its GPU, frames)
 #   bash scripts/bench_gpu.sh libero_e2e    # 2-GPU host: OFT on GPU 0 and OpenVLA (7 tokens) on GPU 1 at the same
-#                                           # time, each pinned to 16 of the 32 cores (= one 1-GPU host each)
+#                                           # time, each pinned to 16 of the 32 cores (= one 1-GPU host each);
+#                                           # PYSPY_AT=175: py-spy samples the OFT run (carry its wheel; summary:
+#                                           # scripts/stack_shares.py $OUT/pyspy_oft.txt)
 #   bash scripts/bench_gpu.sh libero_e2e2   # OFT with FSDP2 on 2 GPUs, twice the groups (the same load per GPU)
 #   bash scripts/bench_gpu.sh multinode     # two one-GPU "nodes" (launch_multinode.sh), kill node 1 after an iteration
 # Several stages may follow each other in one call: bash scripts/bench_gpu.sh libero_e2e2 multinode

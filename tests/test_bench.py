@@ -223,3 +223,36 @@ def test_the_update_part_profiles_a_step_and_names_its_variant():
     multi = dict(single, backend="fsdp", label="fsdp", world_size=2, variant="recompute")
     assert bench.scaling([single, multi]) == {}
     assert list(bench.scaling([single, dict(multi, variant="no_recompute")])) == ["scaling_fsdp_w2_b16_no_recompute"]
+
+
+def test_stack_shares_counts_each_sample_once_per_function(tmp_path):
+    """scripts/stack_shares.py: inclusive shares per thread kind from py-spy's collapsed stacks (gzipped too)."""
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "stack_shares.py"
+    spec = importlib.util.spec_from_file_location("stack_shares", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    main = 'process 1:"python -m trainer train";_run_module_as_main (<frozen runpy>:198);train (trainer/train.py:1)'
+    worker = 'process 1:"python";process 2:"spawn";spawn_main (multiprocessing/spawn.py:1);_worker_main (pool.py:2)'
+    lines = [f"{main};Learner.update (trainer/learner.py:3) 6",
+             f"{main};collect_episodes (r.py:1);_Rollout.draws (r.py:2);sampling_noise (d.py:3);sampling_noise (d.py:4) 3",
+             f"{main};collect_episodes (r.py:1);EnvPool.step_end (p.py:5) 1",
+             'process 1:"python";Thread._bootstrap (threading.py:1) 50',  # another thread: in neither part
+             f"{worker};_ConnectionBase.recv (c.py:1) 9",
+             f"{worker};TransformedEnv.step (t.py:1);MujocoEnv.step (m.py:1) 1"]
+    stacks_file = tmp_path / "stacks.txt.gz"
+    with gzip.open(stacks_file, "wt") as out:
+        out.write("\n".join(lines) + "\n")
+    stacks = script.read_stacks(str(stacks_file))
+    main_thread = [(f, n) for f, n in stacks if f[1].startswith("_run_module_as_main")]
+    total, shares = script.inclusive_shares(main_thread, script.MAIN_FRAMES)
+    assert total == 10
+    assert shares["Learner.update"] == 0.6 and shares["collect_episodes"] == 0.4
+    assert shares["sampling_noise"] == 0.3 and shares["_Rollout.draws"] == 0.3  # two frames of one function: once
+    assert shares["EnvPool.step_end"] == 0.1 and shares["VLAPolicy.act"] == 0.0
+    workers = [(f, n) for f, n in stacks if any(frame.startswith("_worker_main ") for frame in f)]
+    total, shares = script.inclusive_shares(workers, script.WORKER_FRAMES)
+    assert total == 10 and shares["_ConnectionBase.recv"] == 0.9 and shares["MujocoEnv.step"] == 0.1
