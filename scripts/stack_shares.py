@@ -13,9 +13,9 @@ import argparse
 import gzip
 from collections import Counter
 
-MAIN_FRAMES = ["Learner.update", "collect_episodes", "_Rollout.start_episodes", "EnvPool.reset_end",
-               "EnvPool.step_end", "_Rollout.act", "VLAPolicy.act", "_Rollout.draws", "sampling_noise",
-               "_Rollout.record", "VLAPolicy.prepare"]
+MAIN_FRAMES = ["Learner.update", "collect_episodes", "Rollout.collect", "Rollout.start_episodes", "EnvPool.reset_end",
+               "EnvPool.step_end", "Rollout.act", "VLAPolicy.act", "Rollout.draws", "sampling_noise",
+               "Rollout.record", "VLAPolicy.prepare"]
 WORKER_FRAMES = ["_ConnectionBase.recv", "TransformedEnv.reset", "LiberoEnv._simulator_for", "TransformedEnv.step",
                  "MujocoEnv.step", "PrepareViews.__call__"]
 
@@ -30,13 +30,19 @@ def read_stacks(path: str) -> list[tuple[list[str], int]]:
     return stacks
 
 
+def function_name(frame: str) -> str:
+    """`Class.method (file:line)` -> `Class.method`; a private class's underscore dropped (the rollout's class was
+    `_Rollout` in the profiles of 2026-12-01, `Rollout` since)."""
+    return frame.split(" (")[0].lstrip("_")
+
+
 def inclusive_shares(stacks: list[tuple[list[str], int]], names: list[str]) -> tuple[int, dict[str, float]]:
     """Samples in these stacks, and per name the share of them with a frame of that function."""
     total = sum(count for _, count in stacks)
     counts = Counter()
     for frames, count in stacks:
-        functions = {frame.split(" (")[0] for frame in frames}
-        counts.update({name: count for name in names if name in functions})
+        functions = {function_name(frame) for frame in frames}
+        counts.update({name: count for name in names if name.lstrip("_") in functions})
     return total, {name: counts[name] / max(total, 1) for name in names}
 
 

@@ -251,7 +251,7 @@ def test_stack_shares_counts_each_sample_once_per_function(tmp_path):
     total, shares = script.inclusive_shares(main_thread, script.MAIN_FRAMES)
     assert total == 10
     assert shares["Learner.update"] == 0.6 and shares["collect_episodes"] == 0.4
-    assert shares["sampling_noise"] == 0.3 and shares["_Rollout.draws"] == 0.3  # two frames of one function: once
+    assert shares["sampling_noise"] == 0.3 and shares["Rollout.draws"] == 0.3  # two frames of one function: once
     assert shares["EnvPool.step_end"] == 0.1 and shares["VLAPolicy.act"] == 0.0
     workers = [(f, n) for f, n in stacks if any(frame.startswith("_worker_main ") for frame in f)]
     total, shares = script.inclusive_shares(workers, script.WORKER_FRAMES)

@@ -255,14 +255,15 @@ def test_stop_in_the_first_rollout_or_mid_evaluation_logs_nothing_partial_and_re
 
     run = tmp_path / "run"
     common = ["--train.eval_every", "1", "--train.checkpoint_every", "0", "--log.plots", "false"]
-    collect, evaluate_policy = trainer.train.collect_episodes, trainer.train.evaluate_policy
+    evaluate_policy = trainer.train.evaluate_policy
 
-    def stopped_rollout(*args, **kwargs):
-        signals.raise_signal(signals.SIGTERM)
-        return collect(*args, **kwargs)
+    class StoppedRollout(trainer.train.Rollout):  # the training loop's rollouts (not evaluations')
+        def collect(self, **kwargs):
+            signals.raise_signal(signals.SIGTERM)
+            return super().collect(**kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainer.train, "collect_episodes", stopped_rollout)
+        patch.setattr(trainer.train, "Rollout", StoppedRollout)
         _train(run, *common, "--train.iterations", "3")
     assert latest_checkpoint(run).name == "iter-000000"
     assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl")] == [0]

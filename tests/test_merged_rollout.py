@@ -188,7 +188,7 @@ def _run(output_dir: Path, monkeypatch, merge: bool) -> tuple[VLAPolicy, dict, d
     assert config.rollout.merge_lora is merge
     built: dict = {}
     entries: list[bool] = []
-    build, merged_adapters, collect = trainer.train.build_policy, VLAPolicy.merged_adapters, trainer.train.collect_episodes
+    build, merged_adapters = trainer.train.build_policy, VLAPolicy.merged_adapters
 
     def build_and_keep(*args, **kwargs):
         built["policy"] = build(*args, **kwargs)
@@ -203,14 +203,15 @@ def _run(output_dir: Path, monkeypatch, merge: bool) -> tuple[VLAPolicy, dict, d
             entries.append(all(layer.merged for layer in lora_layers(self)))
             yield
 
-    def collect_with_rewards(*args, **kwargs):
-        episodes, stats = collect(*args, **kwargs)
-        for episode in episodes[::2]:
-            episode.rewards[-1] = 1.0
-        return episodes, stats
+    class RolloutWithRewards(trainer.train.Rollout):
+        def collect(self, **kwargs):
+            episodes, stats = super().collect(**kwargs)
+            for episode in episodes[::2]:
+                episode.rewards[-1] = 1.0
+            return episodes, stats
 
     monkeypatch.setattr(trainer.train, "build_policy", build_and_keep)
-    monkeypatch.setattr(trainer.train, "collect_episodes", collect_with_rewards)
+    monkeypatch.setattr(trainer.train, "Rollout", RolloutWithRewards)
     monkeypatch.setattr(VLAPolicy, "merged_adapters", spy)
     trainer.train.train(config)
     return built["policy"], built["initial"], built["trainable"], entries

@@ -15,6 +15,7 @@ failed inside a step), the number of policy calls is max_w S_w, and worker w is 
 from __future__ import annotations
 
 import math
+from collections import Counter
 import os
 import signal
 import threading
@@ -538,17 +539,18 @@ def test_should_stop_ends_the_rollout_and_flags_unfinished_episodes(spy_policy):
     progress = Progress()
     episodes, stats = collect_episodes(policy, spy, items, run_seed=0, progress=progress,
                                        should_stop=lambda: len(pspy.act_batches) >= 4)
-    # workers 0/1 ran items 0/1 in calls 1-3, then items 2/3 started and made one step; item 4 never started
+    # workers 0/1 ran items 0/1 (tasks 0/1) in calls 1-3, then took items 3/4, of their own tasks (next_item), which
+    # made one step; item 2 (task 2) never started
     assert stats.policy_calls == 4
     for episode in episodes[:2]:
         assert_complete(episode, policy, 24)
         replay(episode, policy, env_kwargs)
-    for episode in episodes[2:4]:
+    for episode in episodes[3:5]:
         assert episode.env_error == "stopped"
         assert episode.num_policy_steps == 1 and episode.length == 8 and not episode.success
         replay(episode, policy, env_kwargs)  # what was recorded before the stop is consistent
-    assert episodes[4].env_error == "stopped" and episodes[4].num_policy_steps == 0 and episodes[4].length == 0
-    assert items[4].init_state_id not in {r.init_state_id for call in spy.reset_calls for r in call.values()}
+    assert episodes[2].env_error == "stopped" and episodes[2].num_policy_steps == 0 and episodes[2].length == 0
+    assert items[2].init_state_id not in {r.init_state_id for call in spy.reset_calls for r in call.values()}
     assert success_rate(episodes) == 0.0  # from the two finished episodes only
     assert math.isnan(success_rate(episodes[2:]))  # no finished episode: no evidence either way
     assert sum(progress.updates) == 4  # every started episode is reported once, the never-started one is not
@@ -710,3 +712,30 @@ def test_env_fault_loses_only_its_episode(fault, spy_policy):
         pool.close()
     assert_no_strays(pool)
     assert len(pool.started_pids) == 4  # three workers and one replacement, all gone now
+
+
+def test_workers_keep_their_task_so_that_simulators_are_not_rebuilt(spy_policy):
+    """next_item: the tasks are spread over the workers at the start, and each worker then takes the items of the task
+    its env already has a simulator for (a LIBERO reset to another task rebuilds it: seconds). 3 groups of 8 on 12
+    workers (the OFT benchmark's iteration has 4 groups of 8 on 16): FIFO would give 8 of the workers a second task;
+    here each worker keeps one."""
+    policy, _ = spy_policy("tiny-oft")
+    items = build_work_items([(0, 1), (1, 2), (2, 3)], samples_per_group=8)
+    spy = SpyPool(InlinePool("toy", 12, {**NEVER_SUCCEEDS, "max_steps": 16}))
+    episodes, _ = collect_episodes(policy, spy, items, run_seed=0)
+    assert all(e.env_error is None and e.length == 16 for e in episodes)
+    tasks_of_worker: dict[int, list[int]] = {}
+    for call in spy.reset_calls:
+        for worker, request in sorted(call.items()):
+            tasks_of_worker.setdefault(worker, []).append(request.task_id)
+    assert sorted(tasks_of_worker) == list(range(12)) and all(len(t) == 2 for t in tasks_of_worker.values())
+    assert all(len(set(tasks)) == 1 for tasks in tasks_of_worker.values())  # no rebuild after the first reset
+    assert Counter(tasks[0] for tasks in tasks_of_worker.values()) == {0: 4, 1: 4, 2: 4}  # spread evenly
+    # the first wave takes one item of each task in turn; each task's items start in their order
+    assert [spy.reset_calls[0][w].task_id for w in range(6)] == [0, 1, 2, 0, 1, 2]
+    by_seed = {e.seed: i for i, e in enumerate(episodes)}
+    started = [by_seed[r.seed] for call in spy.reset_calls for _, r in sorted(call.items())]
+    assert sorted(started) == list(range(24))
+    for task in range(3):
+        mine = [i for i in started if items[i].task_id == task]
+        assert mine == sorted(mine)

@@ -250,19 +250,18 @@ def test_phases_bc_warmup_then_handover_with_decreasing_greedy_probability_then_
         calls.append(("ppo", tag.iteration, tag.bc_phase))
         return ppo_original(*args, **kwargs)
 
-    collect = trainer.train.collect_episodes
-
-    def collect_with_teacher_successes(*args, **kwargs):
-        episodes, stats = collect(*args, **kwargs)
-        greedy_probabilities.append(kwargs["greedy_probability"])
-        if kwargs["greedy_probability"] == 1.0:  # the warm-up's greedy rollouts: pretend the teacher succeeded
-            for episode in episodes:
-                episode.success = True
-        return episodes, stats
+    class RolloutWithTeacherSuccesses(trainer.train.Rollout):  # the training loop's rollouts (not evaluations')
+        def collect(self, **kwargs):
+            episodes, stats = super().collect(**kwargs)
+            greedy_probabilities.append(self.greedy_probability)
+            if self.greedy_probability == 1.0:  # the warm-up's greedy rollouts: pretend the teacher succeeded
+                for episode in episodes:
+                    episode.success = True
+            return episodes, stats
 
     monkeypatch.setattr(trainer.algos, "behaviour_cloning_loss", bc_spy)
     monkeypatch.setattr(trainer.algos, "ppo_clip_loss", ppo_spy)
-    monkeypatch.setattr(trainer.train, "collect_episodes", collect_with_teacher_successes)
+    monkeypatch.setattr(trainer.train, "Rollout", RolloutWithTeacherSuccesses)
     run = tmp_path / "run"
     _train(run, "--algo.phases.bc_warmup_iterations", "1", "--algo.phases.handover_iterations", "2",
            "--algo.phases.handover_greedy_start", "1.0",  # the schedule from 1 (the default starts at 0.75)
@@ -397,3 +396,43 @@ def test_video_episodes_records_that_many_greedy_evaluation_episodes_per_evaluat
     for iteration in (0, 1):
         for key in ("eval/greedy_success_rate", "eval/sampled_success_rate"):
             assert videos[iteration][key] == plain[iteration][key]
+
+
+def test_next_rollouts_first_resets_go_out_before_the_update_and_train_the_same(tmp_path, monkeypatch):
+    """rollout.reset_ahead with a subprocess pool (the toy task in EnvPool workers instead of in-process): the next
+    iteration's first resets are sent before each update but the last (none before an evaluation), and the run's
+    numbers are those of a run without."""
+    from trainer.envs.pool import EnvPool
+
+    def subprocess_pool(env, dist, num_workers=None, policy=None):
+        env_kwargs = {} if env.max_steps is None else {"max_steps": env.max_steps}
+        return EnvPool("toy", num_workers or env.num_workers, env_kwargs, start_timeout_s=120)
+
+    events = []
+    send, update = trainer.train.Rollout.send_first_resets, trainer.learner.Learner.update
+
+    def sending(self):
+        events.append("send")
+        send(self)
+
+    def updating(self, *args, **kwargs):
+        events.append("update")
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.train, "make_env_pool", subprocess_pool)
+    monkeypatch.setattr(trainer.train.Rollout, "send_first_resets", sending)
+    monkeypatch.setattr(trainer.learner.Learner, "update", updating)
+    common = ["--env.num_workers", "4", "--train.iterations", "4", "--train.eval_every", "3", "--log.plots", "false",
+              "--train.checkpoint_every", "0"]
+    _train(tmp_path / "ahead", *common)
+    # iterations 1 and 2 send the next one's resets before their update; 3 does not (the evaluation after it needs
+    # the workers), nor does the last
+    assert events == ["send", "update", "send", "update", "update", "update"]
+    events.clear()
+    _train(tmp_path / "plain", *common, "--rollout.reset_ahead", "false")
+    assert events == ["update"] * 4
+    ahead, plain = _by_iteration(tmp_path / "ahead"), _by_iteration(tmp_path / "plain")
+    assert ahead.keys() == plain.keys() == {0, 1, 2, 3, 4}
+    for iteration, record in ahead.items():
+        same = {k: v for k, v in record.items() if not k.startswith(("time/", "memory/"))}
+        assert same == {k: v for k, v in plain[iteration].items() if not k.startswith(("time/", "memory/"))}

@@ -53,7 +53,7 @@ from trainer.learner import Batch, Counts, Learner, Samples
 from trainer.logging import LogConfig, RunLogger
 from trainer.models import TINY_PRESETS, VLAPolicy
 from trainer.models.lora import LoraSettings, check_quantization, format_breakdown, trainable_breakdown
-from trainer.rollout import Episode, collect_episodes
+from trainer.rollout import Episode, Rollout
 
 EPISODE_SEED_STRIDE = 1_000_003  # separates env seeds of different iterations (items per iteration stay below it)
 
@@ -196,6 +196,10 @@ class RolloutConfig:
     pipeline: bool = True
     """Step half of a rank's env workers while the policy acts for the other half (subprocess env pools only; the
     same episodes and actions as without)."""
+    reset_ahead: bool = True
+    """Send the next iteration's first resets to the env workers before the update, so that they reset (building
+    simulators for new tasks: seconds with LIBERO) while the update runs instead of at the next rollout's start.
+    Subprocess env pools only; skipped when an evaluation comes between. The same episodes as without."""
     decode: DecodeMode = DecodeMode.AUTO
     """Standard OpenVLA's decoding steps: "dynamic" (transformers' cache), "static" (static cache), "graphs" (static
     cache, CUDA graphs), "auto" (graphs on CUDA with one process or DDP, else dynamic). No effect on OFT."""
@@ -371,6 +375,16 @@ def rollout_options(config: RunConfig, dist: Dist, pool) -> dict:
     return {"pipeline": config.rollout.pipeline and isinstance(pool, EnvPool), "decode": decode}
 
 
+def resets_ahead(config: RunConfig, pool, next_iteration: int) -> bool:
+    """Whether the next rollout's first resets are sent before this iteration's update (rollout.reset_ahead):
+    subprocess pools only (in-process envs would reset on the spot), not after the last iteration, and not when an
+    evaluation comes first (it needs the workers)."""
+    evaluates = config.train.eval_every > 0 and (next_iteration % config.train.eval_every == 0
+                                                 or next_iteration == config.train.iterations)
+    return (config.rollout.reset_ahead and isinstance(pool, EnvPool) and next_iteration < config.train.iterations
+            and not evaluates)
+
+
 # --- 3. advantages ---------------------------------------------------------------------------------------------------
 
 
@@ -540,6 +554,17 @@ def train(config: RunConfig) -> dict:
             last_metrics = {"iteration": 0, **evaluate_policy(config, engine, pool, counts, 0, stop)}
             if not stop_agreed():  # a stop mid-evaluation leaves a partial one: not logged
                 logger.log(0, last_metrics)
+        def iteration_rollout(index: int) -> Rollout:
+            """Iteration `index`'s episodes on this rank's share of its items (seeds, sampling streams)."""
+            items = shard_work_items(iteration_items(config, counts, index), dist.rank, dist.world_size)
+            return Rollout(policy, pool, items,
+                           greedy_probability=algos.phase_at(index, config.algo.phases).greedy_probability,
+                           temperature=config.rollout.temperature, run_seed=config.train.seed, rank=dist.rank,
+                           episode_offset=index * EPISODE_SEED_STRIDE, model=engine.model,
+                           generator=torch.Generator().manual_seed(iteration_seed(config.train.seed, index)
+                                                                   + 7919 * dist.rank))
+
+        next_rollout = None  # the next iteration's, when its first resets were sent before this one's update
         while state.iteration < config.train.iterations and not stop_agreed():
             iteration = state.iteration  # 0-based index of the iteration now running
             started = time.perf_counter()
@@ -547,22 +572,22 @@ def train(config: RunConfig) -> dict:
             bc_phase = phase.name == algos.BC_WARMUP
 
             # 1-2. rollout on this rank's share of the items
-            items = shard_work_items(iteration_items(config, counts, iteration), dist.rank, dist.world_size)
+            rollout, next_rollout = next_rollout or iteration_rollout(iteration), None
             policy.eval()
-            with (logger.progress(f"rollout {iteration + 1}", total=len(items)) as bar,
+            with (logger.progress(f"rollout {iteration + 1}", total=len(rollout.items)) as bar,
                   engine.rollout_weights()):  # gathered once (FSDP / ZeRO-3), LoRA merged (rollout.merge_lora)
-                episodes, rollout_stats = collect_episodes(
-                    policy, pool, items, greedy_probability=phase.greedy_probability,
-                    temperature=config.rollout.temperature, run_seed=config.train.seed, rank=dist.rank,
-                    episode_offset=iteration * EPISODE_SEED_STRIDE, model=engine.model,
-                    generator=torch.Generator().manual_seed(iteration_seed(config.train.seed, iteration)
-                                                            + 7919 * dist.rank),
-                    progress=bar, should_stop=stop, **rollout_options(config, dist, pool))
+                episodes, rollout_stats = rollout.collect(progress=bar, should_stop=stop,
+                                                          **rollout_options(config, dist, pool))
             if stop_agreed():
                 break  # weights untouched this iteration: the checkpoint below resumes exactly here
 
             # 3. advantages (global group statistics), filtering
             samples, advantage_metrics = episode_advantages(config.algo, episodes, dist, bc_phase)
+
+            # (the next rollout's first resets go out now: the env workers reset while the update runs)
+            if resets_ahead(config, pool, iteration + 1):
+                next_rollout = iteration_rollout(iteration + 1)
+                next_rollout.send_first_resets()
 
             # 4. update: the objective over PPO epochs and micro-batches, one guarded step per mini-batch
             policy.train()
