@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from contextlib import contextmanager
+from itertools import pairwise
 
 import trainer.rollout
 from trainer.envs.pool import EnvPool
@@ -70,7 +71,7 @@ def one_run(policy, keep_task: bool) -> dict:
     assert all(e.env_error is None for e in episodes), [e.env_error for e in episodes]
     return {"keep_task": keep_task, "rollout_seconds": wall, "env_wait_seconds": stats.env_seconds,
             "worker_reset_seconds": reset_seconds, "tasks_per_worker": tasks,
-            "simulators_built": sum(1 + sum(a != b for a, b in zip(t, t[1:])) for t in tasks.values())}
+            "simulators_built": sum(1 + sum(a != b for a, b in pairwise(t)) for t in tasks.values())}
 
 
 def main(argv=None) -> None:

@@ -15,11 +15,11 @@ failed inside a step), the number of policy calls is max_w S_w, and worker w is 
 from __future__ import annotations
 
 import math
-from collections import Counter
 import os
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
