@@ -101,3 +101,29 @@ def test_auto_compiles_on_a_gpu_where_supported_and_never_refuses():
     assert not any(hasattr(block, "training_forward") for block in policy.base_model.language_model.model.layers)
     assert ModelConfig(compile_blocks="sometimes").problems() == [
         "compile_blocks = 'sometimes'; expected true, false or auto"]
+
+
+def test_oft_acts_through_the_compiled_blocks_inside_compiled_acting(eager_and_compiled):
+    """VLAPolicy.compiled_acting (rollout.compile_blocks): an OFT act without gradients runs the compiled blocks and
+    picks the eager policy's tokens, with its log-probs up to float rounding; outside the context it is eager again."""
+    eager, compiled = eager_and_compiled
+    inputs = eager.prepare(toy_observations()[:3])
+    noise = eager.sampling_noise(3, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = eager.act(inputs, greedy=False, noise=noise)
+        counters.clear()
+        with compiled.compiled_acting() as used:
+            acted = compiled.act(inputs, greedy=False, noise=noise)
+        assert used and counters["stats"]["unique_graphs"] > 0  # no-grad graphs of the blocks, compiled now
+        assert torch.equal(acted.token_ids, reference.token_ids)
+        torch.testing.assert_close(acted.log_probs, reference.log_probs, rtol=1e-4, atol=1e-4)
+        assert not compiled.base_model.compiled_inference
+        counters.clear()
+        again = compiled.act(inputs, greedy=False, noise=noise)  # eager again: bit for bit
+        assert counters["stats"]["unique_graphs"] == 0 and torch.equal(again.log_probs, reference.log_probs)
+    # a no-op for standard OpenVLA (its decode steps run with a cache) and where the blocks are not compiled
+    model, tokenizer = load_model_and_tokenizer("tiny", seed=0, dtype=torch.float32)
+    standard = VLAPolicy(model, tokenizer, EnvSettings("none", False, "toy"), value_head=False)
+    compile_blocks_for_training(standard.base_model)
+    with standard.compiled_acting() as used, eager.compiled_acting() as used_eager:
+        assert not used and not standard.base_model.compiled_inference and not used_eager

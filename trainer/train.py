@@ -196,6 +196,10 @@ class RolloutConfig:
     pipeline: bool = True
     """Step half of a rank's env workers while the policy acts for the other half (subprocess env pools only; the
     same episodes and actions as without)."""
+    compile_blocks: bool = False
+    """OpenVLA-OFT: act through the blocks compiled for the update (model.compile_blocks) in training rollouts too,
+    not only in the update (no effect where the blocks are not compiled, on standard OpenVLA and in evaluations).
+    Off by default: built after the last GPU runs and not measured there yet."""
     reset_ahead: bool = True
     """Send the next iteration's first resets to the env workers before the update, so that they reset (building
     simulators for new tasks: seconds with LIBERO) while the update runs instead of at the next rollout's start.
@@ -575,7 +579,8 @@ def train(config: RunConfig) -> dict:
             rollout, next_rollout = next_rollout or iteration_rollout(iteration), None
             policy.eval()
             with (logger.progress(f"rollout {iteration + 1}", total=len(rollout.items)) as bar,
-                  engine.rollout_weights()):  # gathered once (FSDP / ZeRO-3), LoRA merged (rollout.merge_lora)
+                  engine.rollout_weights(),  # gathered once (FSDP / ZeRO-3), LoRA merged (rollout.merge_lora)
+                  policy.compiled_acting(config.rollout.compile_blocks)):
                 episodes, rollout_stats = rollout.collect(progress=bar, should_stop=stop,
                                                           **rollout_options(config, dist, pool))
             if stop_agreed():

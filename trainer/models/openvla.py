@@ -69,20 +69,23 @@ def compile_blocks_for_training(model: OpenVLA) -> int:
     """torch.compile each ViT block and language-model decoder layer, for forwards that build a graph (the update):
     an eager block launches each small op (norms, LoRA's two thin matmuls, residuals) on its own, and the update with
     LoRA on the towers is launch-bound (issue #13). Forwards without gradients (rollouts, evaluation, the reference
-    policy, the CUDA-graph decode) keep the eager blocks, so their numbers and graph capture stay as they were.
-    Blocks of one class share one compiled code object; returns how many blocks were wrapped."""
+    policy, the CUDA-graph decode) keep the eager blocks, so their numbers and graph capture stay as they were,
+    unless `model.compiled_inference` is set (VLAPolicy.compiled_acting: OpenVLA-OFT's rollouts, one forward per
+    chunk and no cache). Blocks of one class share one compiled code object; returns how many blocks were wrapped."""
     blocks = [*model.vision_backbone.featurizer.blocks, *model.vision_backbone.fused_featurizer.blocks,
               *model.language_model.model.layers]
     # A class's code object is recompiled for each tower's shapes, for a first block whose input needs no gradient,
     # and for prompt lengths and micro-batch sizes (then with dynamic shapes); past the limit dynamo runs eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     torch._dynamo.config.suppress_errors = True  # a block that fails to compile runs eagerly (with a warning)
+    model.compiled_inference = False
     for block in blocks:
         eager = block.forward
         block.training_forward = torch.compile(eager)
 
         def forward(*args, _eager=eager, _block=block, **kwargs):
-            return (_block.training_forward if torch.is_grad_enabled() else _eager)(*args, **kwargs)
+            compiled = torch.is_grad_enabled() or model.compiled_inference
+            return (_block.training_forward if compiled else _eager)(*args, **kwargs)
 
         block.forward = forward
     return len(blocks)

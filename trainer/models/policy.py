@@ -323,6 +323,24 @@ class VLAPolicy(nn.Module):
         return sum(w.numel() * w.element_size() for w in weights)
 
     @contextmanager
+    def compiled_acting(self, enabled: bool = True):
+        """OpenVLA-OFT acts through the blocks compiled for the update (model.compile_blocks) inside this context:
+        its act is one forward per chunk without a cache, which the compiled blocks serve as the update's forwards
+        (fused kernels, fewer launches). A no-op for standard OpenVLA (its decode steps use a cache and CUDA graphs of
+        the eager blocks) and where the blocks are not compiled. The actions equal the eager ones up to float
+        rounding (tests/test_compile_blocks.py)."""
+        model = self.base_model
+        use = enabled and self.config.is_oft and hasattr(model, "compiled_inference")
+        previous = getattr(model, "compiled_inference", False)
+        if use:
+            model.compiled_inference = True
+        try:
+            yield use
+        finally:
+            if use:
+                model.compiled_inference = previous
+
+    @contextmanager
     def merged_adapters(self):
         """LoRA adapters folded into the base weights (W + scaling * B @ A) for a rollout, restored exactly after.
 
