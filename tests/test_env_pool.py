@@ -296,3 +296,31 @@ def test_render_fallback_is_reported_once_per_pool(caplog):
                 pool._report_render_fallback(worker)
     warnings_logged = [r for r in caplog.records if "render with OSMesa instead of EGL" in r.getMessage()]
     assert len(warnings_logged) == 1 and "no libEGL" in warnings_logged[0].getMessage()
+
+
+def test_gpu_runs_leave_the_cores_to_the_env_workers(monkeypatch):
+    """make_env_pool on a GPU run caps the trainer's torch threads at the cores its subprocess workers leave free
+    (a parallel op next to busy workers waits for descheduled threads); CPU runs keep their threads."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from trainer.build import EnvConfig, leave_cores_to_env_workers, make_env_pool
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    try:
+        torch.set_num_threads(16)
+        assert leave_cores_to_env_workers(16) == 1 and torch.get_num_threads() == 1
+        torch.set_num_threads(16)
+        assert leave_cores_to_env_workers(12) == 4 and torch.get_num_threads() == 4
+        torch.set_num_threads(2)
+        assert leave_cores_to_env_workers(4) == 2 and torch.get_num_threads() == 2  # never raised
+        env = EnvConfig(suite="libero_standin", num_workers=15, max_steps=4)
+        for device, expected in (("cpu", 2), ("cuda", 1)):
+            torch.set_num_threads(2)
+            dist = SimpleNamespace(device=torch.device(device), local_rank=0)
+            with make_env_pool(env, dist, num_workers=15) as pool:
+                assert isinstance(pool, EnvPool) and torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)

@@ -277,9 +277,24 @@ def make_env_pool(env: EnvConfig, dist: Dist, num_workers: int | None = None, po
     render_env = {}
     if env.suite in LIBERO_SUITES:
         render_env = choose_render_env(os.environ, detect_gpu_count(), env.render_backend, dist.local_rank)
-    return EnvPool(str(env.suite), num_workers, env_kwargs, env_vars=render_env,
+    pool = EnvPool(str(env.suite), num_workers, env_kwargs, env_vars=render_env,
                    step_timeout_s=env.step_timeout_s, reset_timeout_s=env.step_timeout_s,
                    observation_transform=transform)
+    if dist.device.type == "cuda":
+        leave_cores_to_env_workers(num_workers)
+    return pool
+
+
+def leave_cores_to_env_workers(num_workers: int) -> int:
+    """On a GPU run with subprocess env workers, cap this process's torch intra-op threads at the cores the workers
+    leave free (at least one); returns the cap. Its CPU work is small (stacking inputs, sampling noise), and a
+    parallel op waits for every one of its threads: next to workers on every core each such op waited for
+    descheduled threads (17 ms per noise draw on the H200 host, docs/benchmarks.md 2026-12-01). DeepSpeed's CPU
+    Adam (the offload configs) runs on these threads too: give such runs cores beyond their env workers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, min(torch.get_num_threads(), cores - num_workers))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def init_states_per_task(env: EnvConfig, pool) -> list[int]:
@@ -294,4 +309,4 @@ def init_states_per_task(env: EnvConfig, pool) -> list[int]:
 
 __all__ = ["Dtype", "EnvConfig", "Family", "ModelConfig", "QuantConfig", "QuantMode", "RenderBackend", "Suite",
            "build_optimizer", "build_policy", "compute_dtype", "env_settings", "init_states_per_task",
-           "make_env_pool", "recomputes_activations", "seed_everything"]
+           "leave_cores_to_env_workers", "make_env_pool", "recomputes_activations", "seed_everything"]
