@@ -32,6 +32,7 @@
 #                                           # time, each pinned to 16 of the 32 cores (= one 1-GPU host each);
 #                                           # PYSPY_AT=175: py-spy samples the OFT run (carry its wheel; summary:
 #                                           # scripts/stack_shares.py $OUT/pyspy_oft.txt)
+#   bash scripts/bench_gpu.sh libero_ab     # OFT A/B: the 1-GPU run on GPU 0 with A_ARGS and on GPU 1 with B_ARGS
 #   bash scripts/bench_gpu.sh libero_e2e2   # OFT with FSDP2 on 2 GPUs, twice the groups (the same load per GPU)
 #   bash scripts/bench_gpu.sh multinode     # two one-GPU "nodes" (launch_multinode.sh), kill node 1 after an iteration
 # Several stages may follow each other in one call: bash scripts/bench_gpu.sh libero_e2e2 multinode
@@ -116,6 +117,11 @@ sample_stacks() {  # PYSPY_AT=<s>: py-spy samples the run whose command line sta
   timeout $(( ${PYSPY_SECONDS:-30} + 30 )) py-spy record --pid "$pid" --subprocesses --idle --nonblocking --rate 50 \
     --duration "${PYSPY_SECONDS:-30}" --format raw --output "$OUT/$2" 2>&1 | tail -3
   echo "=== py-spy on pid $pid: $(wc -l < "$OUT/$2" 2>/dev/null || echo 0) distinct stacks"
+}
+pinned_e2e() {  # name gpu cores config [trainer args...]: one 1-GPU run pinned to those cores, its log in $OUT
+  local name=$1 gpu=$2 cores=$3 config=$4; shift 4
+  (CUDA_VISIBLE_DEVICES=$gpu e2e $name pinned $cores timeout ${E2E_TIMEOUT:-520} $PY -m trainer train \
+    --config $config "$@") > "$OUT/e2e_$name.log" 2>&1
 }
 pinned() {  # run "$@" on the given CPU cores when taskset exists (its children, the env workers, inherit it)
   local cores=$1; shift
@@ -290,15 +296,25 @@ open('/tmp/deepspeed_zero3_persistent.yaml', 'w').write(s)"
   libero_e2e)
     libero_setup || continue
     half=$(( $(nproc) / 2 ))
-    (CUDA_VISIBLE_DEVICES=0 e2e libero_oft_1gpu pinned 0-$((half - 1)) timeout ${E2E_TIMEOUT:-520} $PY -m trainer train \
-       --config configs/bench_libero_oft.yaml --train.iterations $ITERATIONS $E2E_ARGS ${OFT_ARGS:-}) \
-       > "$OUT/e2e_libero_oft_1gpu.log" 2>&1 &
+    pinned_e2e libero_oft_1gpu 0 0-$((half - 1)) configs/bench_libero_oft.yaml --train.iterations $ITERATIONS \
+      $E2E_ARGS ${OFT_ARGS:-} &
     sample_stacks "$PY -m trainer train --config configs/bench_libero_oft.yaml" pyspy_oft.txt &
-    (CUDA_VISIBLE_DEVICES=1 e2e libero_openvla_1gpu pinned $half-$(( 2 * half - 1 )) timeout ${E2E_TIMEOUT:-520} $PY -m \
-       trainer train --config configs/bench_libero_openvla.yaml $E2E_ARGS ${OPENVLA_ARGS:-}) \
-       > "$OUT/e2e_libero_openvla_1gpu.log" 2>&1 &
+    pinned_e2e libero_openvla_1gpu 1 $half-$(( 2 * half - 1 )) configs/bench_libero_openvla.yaml $E2E_ARGS \
+      ${OPENVLA_ARGS:-} &
     wait
     for name in libero_oft_1gpu libero_openvla_1gpu; do tail -15 "$OUT/e2e_$name.log"; e2e_summary $name; done
+    ;;
+  libero_ab)
+    # one OFT lever against the defaults: the same 1-GPU run on both GPUs at once, each pinned to half the cores,
+    # with A_ARGS on GPU 0 and B_ARGS on GPU 1
+    libero_setup || continue
+    half=$(( $(nproc) / 2 ))
+    pinned_e2e libero_oft_a 0 0-$((half - 1)) configs/bench_libero_oft.yaml --train.iterations $ITERATIONS \
+      $E2E_ARGS ${A_ARGS:-} &
+    pinned_e2e libero_oft_b 1 $half-$(( 2 * half - 1 )) configs/bench_libero_oft.yaml --train.iterations $ITERATIONS \
+      $E2E_ARGS ${B_ARGS:-} &
+    wait
+    for name in libero_oft_a libero_oft_b; do tail -15 "$OUT/e2e_$name.log"; e2e_summary $name; done
     ;;
   libero_e2e2)
     libero_setup || continue
