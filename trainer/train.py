@@ -383,10 +383,15 @@ def resets_ahead(config: RunConfig, pool, next_iteration: int) -> bool:
     """Whether the next rollout's first resets are sent before this iteration's update (rollout.reset_ahead):
     subprocess pools only (in-process envs would reset on the spot), not after the last iteration, and not when an
     evaluation comes first (it needs the workers)."""
-    evaluates = config.train.eval_every > 0 and (next_iteration % config.train.eval_every == 0
-                                                 or next_iteration == config.train.iterations)
     return (config.rollout.reset_ahead and isinstance(pool, EnvPool) and next_iteration < config.train.iterations
-            and not evaluates)
+            and not evaluation_due(config, next_iteration))
+
+
+def evaluation_due(config: RunConfig, iterations_done: int) -> bool:
+    """Whether an evaluation follows the iteration that brings the count to `iterations_done` (train.eval_every,
+    and always after the last one)."""
+    every = config.train.eval_every
+    return every > 0 and (iterations_done % every == 0 or iterations_done == config.train.iterations)
 
 
 # --- 3. advantages ---------------------------------------------------------------------------------------------------
@@ -647,8 +652,7 @@ def train(config: RunConfig) -> dict:
                 "time/worker_chunk_seconds": rollout_stats.worker_step_seconds / max(rollout_stats.worker_steps, 1),
                 "time/update_seconds": update_seconds,
             }
-            if config.train.eval_every > 0 and (state.iteration % config.train.eval_every == 0
-                                                or state.iteration == config.train.iterations):
+            if evaluation_due(config, state.iteration):
                 eval_metrics = evaluate_policy(config, engine, pool, counts, state.iteration, stop)
                 if not stop_agreed():  # a stop mid-evaluation leaves a partial one: not logged
                     metrics.update(eval_metrics)
