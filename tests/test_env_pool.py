@@ -63,6 +63,7 @@ def test_batched_reset_and_step_equal_stepping_the_envs_directly():
     rng = np.random.default_rng(0)
     with EnvPool("toy", num_workers=3, step_timeout_s=10) as pool:
         assert pool.info.num_tasks == 3 and pool.info.max_steps == 8 and pool.info.image_pipeline == "none"
+        assert not pool.info.simulator_per_task  # the toy env's tasks share one env: no rebuild on a task change
         assert pool.info.num_init_states == (50, 50, 50) and pool.info.instructions[2] == "move to the blue target"
         replies = pool.reset(requests)
         assert list(replies) == [0, 1, 2] and all(reply.ok for reply in replies.values())

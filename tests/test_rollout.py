@@ -34,7 +34,7 @@ from trainer.envs.sharding import WorkItem, build_work_items
 from trainer.envs.toy import ToyReachEnv
 from trainer.models import EnvSettings, PolicyInputs, VLAPolicy, load_model_and_tokenizer
 from trainer.models.processor import normalize_proprio
-from trainer.rollout import Episode, collect_episodes, success_rate, write_video
+from trainer.rollout import Episode, Rollout, collect_episodes, success_rate, write_video
 
 TOY = EnvSettings("none", False, "toy")
 TOKENS_PER_STEP = {"tiny": 7, "tiny-oft": 56}
@@ -539,18 +539,17 @@ def test_should_stop_ends_the_rollout_and_flags_unfinished_episodes(spy_policy):
     progress = Progress()
     episodes, stats = collect_episodes(policy, spy, items, run_seed=0, progress=progress,
                                        should_stop=lambda: len(pspy.act_batches) >= 4)
-    # workers 0/1 ran items 0/1 (tasks 0/1) in calls 1-3, then took items 3/4, of their own tasks (next_item), which
-    # made one step; item 2 (task 2) never started
+    # workers 0/1 ran items 0/1 in calls 1-3, then items 2/3 started and made one step; item 4 never started
     assert stats.policy_calls == 4
     for episode in episodes[:2]:
         assert_complete(episode, policy, 24)
         replay(episode, policy, env_kwargs)
-    for episode in episodes[3:5]:
+    for episode in episodes[2:4]:
         assert episode.env_error == "stopped"
         assert episode.num_policy_steps == 1 and episode.length == 8 and not episode.success
         replay(episode, policy, env_kwargs)  # what was recorded before the stop is consistent
-    assert episodes[2].env_error == "stopped" and episodes[2].num_policy_steps == 0 and episodes[2].length == 0
-    assert items[2].init_state_id not in {r.init_state_id for call in spy.reset_calls for r in call.values()}
+    assert episodes[4].env_error == "stopped" and episodes[4].num_policy_steps == 0 and episodes[4].length == 0
+    assert items[4].init_state_id not in {r.init_state_id for call in spy.reset_calls for r in call.values()}
     assert success_rate(episodes) == 0.0  # from the two finished episodes only
     assert math.isnan(success_rate(episodes[2:]))  # no finished episode: no evidence either way
     assert sum(progress.updates) == 4  # every started episode is reported once, the never-started one is not
@@ -715,14 +714,16 @@ def test_env_fault_loses_only_its_episode(fault, spy_policy):
 
 
 def test_workers_keep_their_task_so_that_simulators_are_not_rebuilt(spy_policy):
-    """next_item: the tasks are spread over the workers at the start, and each worker then takes the items of the task
-    its env already has a simulator for (a LIBERO reset to another task rebuilds it: seconds). 3 groups of 8 on 12
-    workers (the OFT benchmark's iteration has 4 groups of 8 on 16): FIFO would give 8 of the workers a second task;
-    here each worker keeps one."""
+    """next_item with keep_tasks (on where the pool's envs rebuild a simulator per task: LIBERO): the tasks are spread
+    over the workers at the start, and each worker then takes the items of the task its env already has a simulator
+    for (a LIBERO reset to another task rebuilds it: seconds). 3 groups of 8 on 12 workers (the OFT benchmark's
+    iteration has 4 groups of 8 on 16): the earliest item first would give 8 of the workers a second task; here each
+    worker keeps one."""
     policy, _ = spy_policy("tiny-oft")
     items = build_work_items([(0, 1), (1, 2), (2, 3)], samples_per_group=8)
     spy = SpyPool(InlinePool("toy", 12, {**NEVER_SUCCEEDS, "max_steps": 16}))
-    episodes, _ = collect_episodes(policy, spy, items, run_seed=0)
+    rollout = Rollout(policy, spy, items, run_seed=0, keep_tasks=True)
+    episodes, _ = rollout.collect()
     assert all(e.env_error is None and e.length == 16 for e in episodes)
     tasks_of_worker: dict[int, list[int]] = {}
     for call in spy.reset_calls:
@@ -739,3 +740,10 @@ def test_workers_keep_their_task_so_that_simulators_are_not_rebuilt(spy_policy):
     for task in range(3):
         mine = [i for i in started if items[i].task_id == task]
         assert mine == sorted(mine)
+    # which rule applies comes from the pool's envs: LIBERO's rebuild a simulator per task, the toy task's do not
+    from trainer.envs.libero import LiberoEnv
+    from trainer.envs.toy import ToyReachEnv
+
+    assert LiberoEnv.simulator_per_task and not getattr(ToyReachEnv, "simulator_per_task", False)
+    assert not Rollout(policy, InlinePool("toy", 2), items).keep_tasks
+    assert not Rollout(policy, spy, items).keep_tasks  # a wrapper without the pool's info: the earliest item first

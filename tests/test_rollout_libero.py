@@ -122,6 +122,7 @@ def test_libero_rollout_survives_a_killed_worker_and_leaves_no_stray_process():
         recorder = RecordingPool(pool)
         episodes, stats = collect_episodes(policy, recorder, items, run_seed=7, temperature=1.0)
         instructions = pool.info.instructions
+        assert pool.info.simulator_per_task  # so a rollout on the pool itself keeps each worker on its task
         assert pool.stats.workers[1].restarts == 1 and pool.stats.workers[0].restarts == 0
         assert pool.worker_pids[0] == first_pids[0] and pool.worker_pids[1] != first_pids[1] == killed[0]
         worker_actions = sum(w.actions for w in pool.stats.workers)

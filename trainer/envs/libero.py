@@ -149,6 +149,7 @@ class LiberoEnv:
     """One LIBERO simulator serving episodes of one suite (any of its tasks); see the module docstring."""
 
     image_pipeline = "libero"
+    simulator_per_task = True  # a reset to another task builds another simulator (1.3 s with EGL, 2.4 s with OSMesa)
 
     def __init__(
         self,

@@ -75,6 +75,7 @@ class EnvInfo:
     image_pipeline: str
     num_init_states: tuple[int, ...]  # per task
     instructions: tuple[str, ...]  # per task
+    simulator_per_task: bool = False  # a reset to another task builds a new simulator (LIBERO: seconds)
 
     @property
     def num_tasks(self) -> int:
@@ -176,6 +177,7 @@ def describe_env(env) -> EnvInfo:
         image_pipeline=env.image_pipeline,
         num_init_states=tuple(env.num_init_states(t) for t in range(num_tasks)),
         instructions=tuple(env.instruction(t) for t in range(num_tasks)),
+        simulator_per_task=bool(getattr(env, "simulator_per_task", False)),
     )
 
 
