@@ -57,6 +57,21 @@ def test_rollout_measures_plain_adapted_and_merged_policies():
     assert list(report) == ["tiny", "tiny+lora", "tiny+lora merged"]
     for rows in report.values():
         assert rows[2]["actions_per_s"] == pytest.approx(2 / rows[2]["seconds"])
+        assert len(rows[2]["seconds_each"]) == 3 and rows[2]["seconds"] == pytest.approx(sum(rows[2]["seconds_each"]) / 3)
+
+
+def test_rollout_times_oft_acting_through_compiled_blocks():
+    """--compile-blocks on the rollout part: OFT once more, merged and acting through the compiled blocks; standard
+    OpenVLA has no such variant (its decode runs the eager blocks)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    report = bench.measure_rollout("cpu", batches=(2,), presets=("tiny", "tiny-oft"), variants=("+lora merged",),
+                                   compiled=True)
+    assert list(report) == ["tiny+lora merged", "tiny-oft+lora merged", "tiny-oft+lora merged compiled"]
+    assert counters["stats"]["unique_graphs"] > 0  # the compiled variant really compiled
+    row = report["tiny-oft+lora merged compiled"][2]
+    assert row["actions_per_s"] == pytest.approx(2 * 8 / row["seconds"])  # chunks of 8 actions
 
 
 def test_ratios_are_taken_against_the_ceiling_of_the_same_report():

@@ -53,6 +53,7 @@ from trainer.models import EnvSettings, VLAPolicy, load_model_and_tokenizer
 from trainer.models.config import preset as preset_config
 from trainer.models.lora import LoraSettings, apply_lora
 from trainer.models.memory import sequence_length
+from trainer.models.openvla import compile_blocks_for_training
 from trainer.rollout import collect_episodes
 
 SEQ_OPENVLA = 256 + 1 + 20 + 7  # patches + BOS + prompt + action tokens
@@ -62,6 +63,20 @@ SEQ_OFT = 1 + 512 + 1 + 20 + 56 + 1  # BOS + 2 views of patches + proprio + prom
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def timed_calls(fn, warmup: int = 1, iters: int = 3) -> list[float]:
+    """Seconds of each call after warm-up (synchronised per call)."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(iters):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def timed(fn, warmup: int = 1, iters: int = 3) -> float:
@@ -203,33 +218,51 @@ def _observations(batch: int, seed: int = 0):
             for _ in range(batch)]
 
 
-def measure_rollout(device, batches=(1, 16, 64), presets=("openvla-7b", "openvla-7b-oft")) -> dict:
+ROLLOUT_VARIANTS = {"plain": "", "lora": "+lora", "lora-merged": "+lora merged"}  # bench --rollout-variants
+
+
+def measure_rollout(device, batches=(1, 16, 64), presets=("openvla-7b", "openvla-7b-oft"),
+                    variants=("", "+lora", "+lora merged"), compiled: bool = False) -> dict:
     """Each preset three ways: the plain model; with LoRA r=32 on all linear layers (the policy as RL rolls it out);
-    and the same adapters folded into the weights for the rollout (`rollout.merge_lora`, `VLAPolicy.merged_adapters`)."""
+    and the same adapters folded into the weights for the rollout (`rollout.merge_lora`, `VLAPolicy.merged_adapters`).
+    `variants` picks some of them. `compiled`: then OpenVLA-OFT presets once more, merged and acting through compiled
+    blocks ("+lora merged compiled": model.compile_blocks with rollout.compile_blocks; the first, compiling call is
+    the warm-up). Each call's seconds are kept (`seconds_each`) beside their mean."""
     out: dict = {}
-    for preset, variant in ((p, v) for p in presets for v in ("", "+lora", "+lora merged")):
-        if variant == "":
-            model, tokenizer = load_model_and_tokenizer(f"random:{preset}", seed=0, dtype=torch.bfloat16, device=device)
-        elif variant == "+lora":
-            model = apply_lora(model, LoraSettings(rank=32, alpha=16))
-        policy = VLAPolicy(model, tokenizer, EnvSettings("libero", True, "libero_spatial")).to(device).eval()
-        name = preset + variant
-        out[name] = {}
-        for batch in batches:
-            observations = _observations(batch)
-            start = time.perf_counter()
-            inputs = policy.prepare(observations)
-            prepare_seconds = time.perf_counter() - start
-            _reset_peak()
-            with policy.merged_adapters() if variant == "+lora merged" else nullcontext():
-                seconds = timed(lambda: policy.act(inputs, greedy=False, temperature=1.0))
-            actions = batch * policy.chunk_size
-            out[name][batch] = {"seconds": seconds, "actions_per_s": actions / seconds,
-                                "policy_calls_per_s": 1 / seconds, "prepare_seconds_cpu": prepare_seconds,
-                                "peak_gb": _peak_gb()}
-        del policy
-        if variant == "+lora merged":
-            del model
+    for preset in presets:
+        oft = "oft" in preset
+        wanted = [v for v in ("", "+lora", "+lora merged") if v in variants]
+        wanted += ["+lora merged compiled"] if compiled and oft else []
+        model = tokenizer = None
+        for variant in wanted:
+            if model is None:
+                model, tokenizer = load_model_and_tokenizer(f"random:{preset}", seed=0, dtype=torch.bfloat16,
+                                                            device=device)
+            if "+lora" in variant and not hasattr(model, "peft_config"):
+                model = apply_lora(model, LoraSettings(rank=32, alpha=16))
+            policy = VLAPolicy(model, tokenizer, EnvSettings("libero", True, "libero_spatial")).to(device).eval()
+            if variant.endswith("compiled"):
+                compile_blocks_for_training(policy.base_model)
+            name = preset + variant
+            out[name] = {}
+            for batch in batches:
+                observations = _observations(batch)
+                start = time.perf_counter()
+                inputs = policy.prepare(observations)
+                prepare_seconds = time.perf_counter() - start
+                _reset_peak()
+                with (policy.merged_adapters() if "merged" in variant else nullcontext(),
+                      policy.compiled_acting(variant.endswith("compiled"))):
+                    each = timed_calls(lambda: policy.act(inputs, greedy=False, temperature=1.0))
+                seconds = float(np.mean(each))
+                actions = batch * policy.chunk_size
+                out[name][batch] = {"seconds": seconds, "seconds_each": each, "actions_per_s": actions / seconds,
+                                    "policy_calls_per_s": 1 / seconds, "prepare_seconds_cpu": prepare_seconds,
+                                    "peak_gb": _peak_gb()}
+                print(f"rollout {name} batch {batch}: {actions / seconds:.1f} actions/s "
+                      f"(calls {[round(x, 4) for x in each]} s)", flush=True)
+            del policy
+        del model
         gc.collect()
         _reset_peak()
     return out
@@ -955,8 +988,10 @@ def main(args, objective, advantages=None) -> int:
     if "ceiling" in parts:
         report["ceiling"] = measure_ceiling(device, batches=tuple(args.batches), preset_name=args.preset)
     if "rollout" in parts:
-        report["rollout"] = measure_rollout(device, batches=tuple(args.batches),
-                                            presets=(args.preset, f"{args.preset}-oft".replace("-oft-oft", "-oft")))
+        presets = tuple(dict.fromkeys([args.preset, f"{args.preset}-oft".replace("-oft-oft", "-oft")]))
+        report["rollout"] = measure_rollout(device, batches=tuple(args.batches), presets=presets,
+                                            variants=tuple(ROLLOUT_VARIANTS[v] for v in args.rollout_variants),
+                                            compiled=args.compile_blocks)
     if "lora_ceiling" in parts:
         report.setdefault("ceiling", {})["lora_train"] = measure_lora_ceiling(device, (args.update_batch,), args.preset)
     if "phases" in parts:

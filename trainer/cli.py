@@ -261,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--lora-targets", nargs="*", default=["all-linear"], choices=["all-linear", "llm-linear"],
                            help="LoRA targets for the update / phases parts (each one measured)")
     bench_cmd.add_argument("--compile-blocks", action="store_true",
-                           help="update / phases parts: model.compile_blocks (torch.compile'd blocks in the update)")
+                           help="update / phases parts: model.compile_blocks (torch.compile'd blocks in the update); "
+                                "rollout part: OFT also merged and acting through compiled blocks")
+    bench_cmd.add_argument("--rollout-variants", nargs="*", default=["plain", "lora", "lora-merged"],
+                           choices=["plain", "lora", "lora-merged"], help="rollout part: which variants to time")
     bench_cmd.add_argument("--no-recompute", action="store_true",
                            help="update / phases parts: no gradient recompute (the LoRA ceiling recomputes)")
     bench_cmd.add_argument("--profile-step", action="store_true",
