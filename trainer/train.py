@@ -199,7 +199,7 @@ class RolloutConfig:
     compile_blocks: bool = False
     """OpenVLA-OFT: act through the blocks compiled for the update (model.compile_blocks) in training rollouts too,
     not only in the update (no effect where the blocks are not compiled, on standard OpenVLA and in evaluations).
-    Off by default: built after the last GPU runs and not measured there yet."""
+    Per act 1.24-1.29x on an H200 at batch 8 (docs/benchmarks.md); off by default until measured end to end."""
     reset_ahead: bool = True
     """Send the next iteration's first resets to the env workers before the update, so that they reset (building
     simulators for new tasks: seconds with LIBERO) while the update runs instead of at the next rollout's start.
