@@ -563,6 +563,7 @@ def train(config: RunConfig) -> dict:
             last_metrics = {"iteration": 0, **evaluate_policy(config, engine, pool, counts, 0, stop)}
             if not stop_agreed():  # a stop mid-evaluation leaves a partial one: not logged
                 logger.log(0, last_metrics)
+
         def iteration_rollout(index: int) -> Rollout:
             """Iteration `index`'s episodes on this rank's share of its items (seeds, sampling streams)."""
             items = shard_work_items(iteration_items(config, counts, index), dist.rank, dist.world_size)
