@@ -75,6 +75,11 @@ class RolloutStats:
     env_steps: int = 0  # actions executed
     wall_seconds: float = 0.0
 
+    @property
+    def worker_chunk_seconds(self) -> float:
+        """Mean time inside a worker's env.step per action chunk."""
+        return self.worker_step_seconds / max(self.worker_steps, 1)
+
     @contextmanager
     def timing(self, part: str):
         """Add the block's wall time to `<part>_seconds`."""
@@ -91,7 +96,7 @@ class RolloutStats:
             f"{prefix}/send_seconds": self.send_seconds,
             f"{prefix}/record_seconds": self.record_seconds,
             f"{prefix}/worker_step_seconds": self.worker_step_seconds,
-            f"{prefix}/worker_chunk_seconds": self.worker_step_seconds / max(self.worker_steps, 1),
+            f"{prefix}/worker_chunk_seconds": self.worker_chunk_seconds,
             f"{prefix}/env_steps": float(self.env_steps),
             f"{prefix}/env_steps_per_second": self.env_steps / max(self.wall_seconds, 1e-9),
             f"{prefix}/seconds": self.wall_seconds,

@@ -650,7 +650,7 @@ def train(config: RunConfig) -> dict:
                 "time/record_seconds": rollout_stats.record_seconds,
                 # inside the workers: summed over them, and per action chunk
                 "time/worker_step_seconds": rollout_stats.worker_step_seconds,
-                "time/worker_chunk_seconds": rollout_stats.worker_step_seconds / max(rollout_stats.worker_steps, 1),
+                "time/worker_chunk_seconds": rollout_stats.worker_chunk_seconds,
                 "time/update_seconds": update_seconds,
             }
             if evaluation_due(config, state.iteration):

@@ -53,13 +53,6 @@ class InlinePool:
         self.stats.reset_calls += 1
         return replies
 
-    def reset_begin(self, requests: Mapping[int, ResetRequest], timeout_s: float | None = None) -> PendingStep:
-        """EnvPool's asynchronous reset: here the envs reset at once, in this process."""
-        return PendingStep(self.reset(requests, timeout_s), time.perf_counter())
-
-    def reset_end(self, pending: PendingStep) -> dict[int, ResetReply]:
-        return pending.flight
-
     def step_begin(self, actions: Mapping[int, np.ndarray], timeout_s: float | None = None) -> PendingStep:
         """EnvPool's asynchronous step, for the same rollout code: here the envs step at once, in this process."""
         return PendingStep(self.step(actions, timeout_s), time.perf_counter())

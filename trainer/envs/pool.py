@@ -359,9 +359,7 @@ class EnvPool:
         a rollout can act for other envs while these build their simulators. Collect the replies with `reset_end`."""
         self._check_open()
         for index, request in requests.items():
-            self._check_index(index)
-            if self._workers[index].busy:
-                raise RuntimeError(f"worker {index} has a call in flight: collect it first")
+            self._check_idle(index)
             self._check_reset_request(index, request)
         started = time.perf_counter()
         return PendingStep(self._send("reset", requests, timeout_s or self.reset_timeout_s), started)
@@ -391,9 +389,7 @@ class EnvPool:
         self._check_open()
         checked = {}
         for index, chunk in actions.items():
-            self._check_index(index)
-            if self._workers[index].busy:
-                raise RuntimeError(f"worker {index} has a call in flight: collect it first")
+            self._check_idle(index)
             if not self._workers[index].episode_active:
                 raise RuntimeError(
                     f"worker {index} has no episode in progress (it ended, failed, or was never reset): reset it first"
@@ -613,6 +609,12 @@ class EnvPool:
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.num_workers:
             raise ValueError(f"worker index {index} is out of range: the pool has workers 0..{self.num_workers - 1}")
+
+    def _check_idle(self, index: int) -> None:
+        """A valid worker index with no call in flight (a step_begin / reset_begin not yet collected)."""
+        self._check_index(index)
+        if self._workers[index].busy:
+            raise RuntimeError(f"worker {index} has a call in flight: collect it first")
 
     def _check_reset_request(self, index: int, request: ResetRequest) -> None:
         if not isinstance(request.seed, (int, np.integer)) or request.seed < 0:
