@@ -32,7 +32,8 @@
 #                                           # time, each pinned to 16 of the 32 cores (= one 1-GPU host each);
 #                                           # PYSPY_AT=175: py-spy samples the OFT run (carry its wheel; summary:
 #                                           # scripts/stack_shares.py $OUT/pyspy_oft.txt)
-#   bash scripts/bench_gpu.sh libero_ab     # OFT A/B: the 1-GPU run on GPU 0 with A_ARGS and on GPU 1 with B_ARGS
+#   bash scripts/bench_gpu.sh libero_ab     # A/B of one lever: the 1-GPU run with A_ARGS and with B_ARGS (A_CONFIG /
+#                                           # B_CONFIG, default OFT); both at once on 2 GPUs, in turn on one
 #   bash scripts/bench_gpu.sh libero_e2e2   # OFT with FSDP2 on 2 GPUs, twice the groups (the same load per GPU)
 #   bash scripts/bench_gpu.sh multinode     # two one-GPU "nodes" (launch_multinode.sh), kill node 1 after an iteration
 # Several stages may follow each other in one call: bash scripts/bench_gpu.sh libero_e2e2 multinode
@@ -305,16 +306,22 @@ open('/tmp/deepspeed_zero3_persistent.yaml', 'w').write(s)"
     for name in libero_oft_1gpu libero_openvla_1gpu; do tail -15 "$OUT/e2e_$name.log"; e2e_summary $name; done
     ;;
   libero_ab)
-    # one OFT lever against the defaults: the same 1-GPU run on both GPUs at once, each pinned to half the cores,
-    # with A_ARGS on GPU 0 and B_ARGS on GPU 1
+    # one lever against the defaults: the same 1-GPU run with A_ARGS and with B_ARGS (config A_CONFIG / B_CONFIG,
+    # default OFT). Two GPUs: both at once, GPU 0 and GPU 1, each pinned to half the cores; one GPU: one after the
+    # other on all cores (E2E_TIMEOUT bounds each run)
     libero_setup || continue
-    half=$(( $(nproc) / 2 ))
-    pinned_e2e libero_oft_a 0 0-$((half - 1)) configs/bench_libero_oft.yaml --train.iterations $ITERATIONS \
-      $E2E_ARGS ${A_ARGS:-} &
-    pinned_e2e libero_oft_b 1 $half-$(( 2 * half - 1 )) configs/bench_libero_oft.yaml --train.iterations $ITERATIONS \
-      $E2E_ARGS ${B_ARGS:-} &
-    wait
-    for name in libero_oft_a libero_oft_b; do tail -15 "$OUT/e2e_$name.log"; e2e_summary $name; done
+    a_config=${A_CONFIG:-configs/bench_libero_oft.yaml}; b_config=${B_CONFIG:-configs/bench_libero_oft.yaml}
+    if (( $(nvidia-smi -L | wc -l) >= 2 )); then
+      half=$(( $(nproc) / 2 ))
+      pinned_e2e libero_ab_a 0 0-$((half - 1)) $a_config --train.iterations $ITERATIONS $E2E_ARGS ${A_ARGS:-} &
+      pinned_e2e libero_ab_b 1 $half-$(( 2 * half - 1 )) $b_config --train.iterations $ITERATIONS $E2E_ARGS \
+        ${B_ARGS:-} &
+      wait
+    else
+      pinned_e2e libero_ab_a 0 0-$(( $(nproc) - 1 )) $a_config --train.iterations $ITERATIONS $E2E_ARGS ${A_ARGS:-}
+      pinned_e2e libero_ab_b 0 0-$(( $(nproc) - 1 )) $b_config --train.iterations $ITERATIONS $E2E_ARGS ${B_ARGS:-}
+    fi
+    for name in libero_ab_a libero_ab_b; do tail -15 "$OUT/e2e_$name.log"; e2e_summary $name; done
     ;;
   libero_e2e2)
     libero_setup || continue
