@@ -34,6 +34,7 @@
 #                                           # scripts/stack_shares.py $OUT/pyspy_oft.txt)
 #   bash scripts/bench_gpu.sh libero_ab     # A/B of one lever: the 1-GPU run with A_ARGS and with B_ARGS (A_CONFIG /
 #                                           # B_CONFIG, default OFT); both at once on 2 GPUs, in turn on one
+#   bash scripts/bench_gpu.sh libero_one    # one 1-GPU run on GPU 0, all cores: RUN_CONFIG, RUN_ARGS, RUN_NAME
 #   bash scripts/bench_gpu.sh libero_e2e2   # OFT with FSDP2 on 2 GPUs, twice the groups (the same load per GPU)
 #   bash scripts/bench_gpu.sh multinode     # two one-GPU "nodes" (launch_multinode.sh), kill node 1 after an iteration
 # Several stages may follow each other in one call: bash scripts/bench_gpu.sh libero_e2e2 multinode
@@ -322,6 +323,14 @@ open('/tmp/deepspeed_zero3_persistent.yaml', 'w').write(s)"
       pinned_e2e libero_ab_b 0 0-$(( $(nproc) - 1 )) $b_config --train.iterations $ITERATIONS $E2E_ARGS ${B_ARGS:-}
     fi
     for name in libero_ab_a libero_ab_b; do tail -15 "$OUT/e2e_$name.log"; e2e_summary $name; done
+    ;;
+  libero_one)
+    # one 1-GPU run on GPU 0 and all cores: RUN_CONFIG (default OFT) with RUN_ARGS, named RUN_NAME
+    libero_setup || continue
+    one=${RUN_NAME:-libero_one}
+    pinned_e2e $one 0 0-$(( $(nproc) - 1 )) ${RUN_CONFIG:-configs/bench_libero_oft.yaml} --train.iterations $ITERATIONS \
+      $E2E_ARGS ${RUN_ARGS:-}
+    tail -15 "$OUT/e2e_$one.log"; e2e_summary $one
     ;;
   libero_e2e2)
     libero_setup || continue
