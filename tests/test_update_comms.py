@@ -34,6 +34,8 @@ SETUPS = {  # name: (accelerate config or None for one process, script arguments
     "fsdp": ("fsdp_1node.yaml", []),
     "fsdp_no_reshard": ("fsdp_1node_no_reshard.yaml", []),
     "fsdp_compiled": ("fsdp_1node.yaml", ["--compile-blocks"]),
+    "fsdp_compiled_oft_act": ("fsdp_1node.yaml", ["--compile-blocks", "--source", "tiny-oft", "--act"]),
+    "single_oft_act": (None, ["--source", "tiny-oft", "--act"]),
 }
 
 
@@ -122,3 +124,20 @@ def test_fsdp2_with_compiled_blocks_makes_the_same_collectives_and_trains_like_o
     assert compiled["collectives"] == eager["collectives"]
     assert _max_diff(weights, single) < WEIGHT_ATOL
     assert _max_diff(weights, eager_weights) < WEIGHT_ATOL
+
+
+@pytest.mark.multiproc
+def test_fsdp2_oft_acts_through_the_compiled_blocks_like_eager_and_like_one_process(runs):
+    """rollout.compile_blocks (on by default) under FSDP2: inside the engine's rollout weights (gathered once), OFT's
+    act through the compiled blocks picks the eager act's tokens with its log-probs up to float rounding, on each
+    rank, and the same tokens as one process with the same updates."""
+    _, single_weights = runs("single_oft_act")
+    single = json.loads((runs.root / "single_oft_act" / "rank0.json").read_text())["acting"]
+    assert not single["used"]  # one process without model.compile_blocks: a no-op
+    _, weights = runs("fsdp_compiled_oft_act")
+    assert _max_diff(weights, single_weights) < WEIGHT_ATOL
+    for rank in range(2):
+        acting = json.loads((runs.root / "fsdp_compiled_oft_act" / f"rank{rank}.json").read_text())["acting"]
+        assert acting["used"] and acting["graphs_compiled"] > 0
+        assert acting["compiled_tokens"] == acting["eager_tokens"] == single["eager_tokens"]
+        assert acting["max_log_prob_diff"] < 1e-4

@@ -196,10 +196,10 @@ class RolloutConfig:
     pipeline: bool = True
     """Step half of a rank's env workers while the policy acts for the other half (subprocess env pools only; the
     same episodes and actions as without)."""
-    compile_blocks: bool = False
+    compile_blocks: bool = True
     """OpenVLA-OFT: act through the blocks compiled for the update (model.compile_blocks) in training rollouts too,
     not only in the update (no effect where the blocks are not compiled, on standard OpenVLA and in evaluations).
-    Per act 1.24-1.29x on an H200 at batch 8 (docs/benchmarks.md); off by default until measured end to end."""
+    On one H200 with real LIBERO: policy calls 6.9-7.3 -> 5.1-5.8 s per iteration (docs/benchmarks.md, 2026-12-01 s5)."""
     reset_ahead: bool = True
     """Send the next iteration's first resets to the env workers before the update, so that they reset (building
     simulators for new tasks: seconds with LIBERO) while the update runs instead of at the next rollout's start.

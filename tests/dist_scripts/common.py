@@ -64,15 +64,25 @@ def run_update(config: RunConfig, engine: Engine, samples: Samples, iteration: i
     return learner.update(samples, loss_fn, iteration, padding_inputs=padding_inputs)
 
 
+def random_observation(rng: np.random.Generator, instruction: str) -> Observation:
+    return Observation(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                       rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                       rng.uniform(-1, 1, 8).astype(np.float32), instruction)
+
+
+def fixed_observations(count: int, seed: int = 99) -> list[Observation]:
+    """`count` observations with fixed random images and proprio, the test instructions in turn."""
+    rng = np.random.default_rng(seed)
+    return [random_observation(rng, INSTRUCTIONS[i % len(INSTRUCTIONS)]) for i in range(count)]
+
+
 def fixed_samples(policy) -> Samples:
     """GLOBAL_SAMPLES policy steps with fixed images, prompts, action tokens, old log-probs and advantages."""
     rng = np.random.default_rng(1234)
     generator = torch.Generator().manual_seed(1234)
     samples = Samples()
     for i in range(GLOBAL_SAMPLES):
-        obs = Observation(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
-                          rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
-                          rng.uniform(-1, 1, 8).astype(np.float32), INSTRUCTIONS[i % len(INSTRUCTIONS)])
+        obs = random_observation(rng, INSTRUCTIONS[i % len(INSTRUCTIONS)])
         inputs = policy.prepare([obs])
         local = torch.randint(0, policy.config.n_action_bins, (policy.base_model.num_action_slots,),
                               generator=generator)

@@ -2,11 +2,13 @@
 the 7B benchmark runs it), through the backend's engine as training sets it up. Launched by tests/test_update_comms.py
 under torchrun (2 processes, gloo; the backend from TRAINER_ACCELERATE_CONFIG) or as one plain process.
 
-    python tests/dist_scripts/update_collectives.py --out DIR [--micro-batch 2]
+    python tests/dist_scripts/update_collectives.py --out DIR [--micro-batch 2] [--source tiny-oft --act]
 
 Every rank writes DIR/rank<r>.json: the collectives of the second update (the first warms up: DeepSpeed traces the
 module order in it) by kind, the number of micro-batches, the loss, and the ZeRO-3 leaf modules; rank 0 writes
 DIR/after.safetensors, the trainable weights after both updates (gathered), for comparisons between set-ups.
+--act: then acts on fixed observations inside the engine's rollout weights, eagerly and through the compiled blocks
+(VLAPolicy.compiled_acting, as rollout.compile_blocks does), and reports both (tokens, log-probs, graphs compiled).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import count_collectives, fixed_samples, rank_slice, run_update, tiny_config, tiny_engine, write_json
+from common import count_collectives, fixed_observations, fixed_samples, rank_slice, run_update, tiny_config, tiny_engine, write_json
+import torch
 from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
@@ -27,10 +30,13 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--no-recompute", action="store_true", help="gradient checkpointing off")
     parser.add_argument("--compile-blocks", action="store_true", help="model.compile_blocks true")
+    parser.add_argument("--source", default="tiny", help="model.source: tiny or tiny-oft")
+    parser.add_argument("--act", action="store_true", help="act after the updates, eager and compiled")
     args = parser.parse_args()
     out = Path(args.out)
     config = tiny_config(algo__micro_batch_size=args.micro_batch, model__gradient_checkpointing=not args.no_recompute,
-                         lora__include_lm_head=False, model__compile_blocks=args.compile_blocks)
+                         lora__include_lm_head=False, model__compile_blocks=args.compile_blocks,
+                         model__source=args.source)
     dist = Dist.create(config.dist)
     engine, _ = tiny_engine(config, dist)
     everything = fixed_samples(engine.policy)
@@ -46,12 +52,32 @@ def main() -> None:
               "metrics": [first.metrics, result["update"].metrics],
               "z3_leaf_modules": sorted(set(leaves)), "z3_leaf_module_count": len(leaves),
               "compiled_graphs": int(counters["stats"]["unique_graphs"])}
+    if args.act:
+        report["acting"] = act_eager_and_compiled(engine)
     state = engine.trainable_state()
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(out / "after.safetensors"))
     write_json(out / f"rank{dist.rank}.json", report)
     dist.close()
+
+
+def act_eager_and_compiled(engine) -> dict:
+    """The same sampled act (fixed observations and noise) inside rollout_weights, eager and in compiled_acting."""
+    policy = engine.policy
+    policy.eval()
+    observations = fixed_observations(3)
+    inputs = policy.prepare(observations)
+    noise = policy.sampling_noise(len(observations), torch.Generator().manual_seed(5))
+    with engine.rollout_weights():
+        eager = policy.act(inputs, greedy=False, noise=noise, model=engine.model)
+        before = int(counters["stats"]["unique_graphs"])
+        with policy.compiled_acting() as used:
+            compiled = policy.act(inputs, greedy=False, noise=noise, model=engine.model)
+        graphs = int(counters["stats"]["unique_graphs"]) - before
+    return {"used": bool(used), "graphs_compiled": graphs,
+            "eager_tokens": eager.token_ids.tolist(), "compiled_tokens": compiled.token_ids.tolist(),
+            "max_log_prob_diff": float((eager.log_probs - compiled.log_probs).abs().max())}
 
 
 if __name__ == "__main__":
