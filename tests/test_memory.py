@@ -134,7 +134,8 @@ def test_train_setup_uses_the_choices(monkeypatch):
     assert merges_lora_for_rollout("auto", "single", policy, 100 * GiB) is True
     assert merges_lora_for_rollout("auto", "ddp", policy, 16 * GiB) is False
     assert merges_lora_for_rollout("auto", "single", policy, None) is False  # CPU
-    assert merges_lora_for_rollout("auto", "fsdp", policy, 100 * GiB) is False
+    assert merges_lora_for_rollout("auto", "fsdp", policy, 100 * GiB) is True  # into the gathered weights
+    assert merges_lora_for_rollout("auto", "deepspeed_zero3", policy, 100 * GiB) is False
     assert merges_lora_for_rollout(True, "single", policy, None) is True  # explicit wins
 
 
@@ -157,7 +158,10 @@ def test_engine_decides_the_merge_at_each_rollout(monkeypatch):
     assert merged == [1]
     fsdp = trainer.engine.Engine(SimpleNamespace(backend="fsdp", device=dist.device), policy, policy, None, None, [],
                                  merge_lora="auto")
-    assert fsdp.merge_lora is False
+    assert fsdp.merge_lora == "auto"  # into the weights FSDP2 gathers for the rollout
+    zero3 = trainer.engine.Engine(SimpleNamespace(backend="deepspeed_zero3", device=dist.device), policy, policy, None,
+                                  None, [], merge_lora="auto")
+    assert zero3.merge_lora is False
 
 
 def test_merge_copy_bytes_counts_the_adapted_weights():

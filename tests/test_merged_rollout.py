@@ -164,9 +164,9 @@ def test_a_model_without_lora_is_left_alone(toy_observations):
 # --- in the training loop ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend, merges", [("single", True), ("ddp", True), ("fsdp", False),
+@pytest.mark.parametrize("backend, merges", [("single", True), ("ddp", True), ("fsdp", True),
                                              ("deepspeed_zero2", False), ("deepspeed_zero3", False)])
-def test_merge_lora_only_on_unsharded_backends(backend, merges):
+def test_merge_lora_where_the_rollout_acts_on_whole_weights(backend, merges):
     assert merges_lora_for_rollout(True, backend) is merges
     assert merges_lora_for_rollout(False, backend) is False
 

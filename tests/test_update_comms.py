@@ -127,17 +127,21 @@ def test_fsdp2_with_compiled_blocks_makes_the_same_collectives_and_trains_like_o
 
 
 @pytest.mark.multiproc
-def test_fsdp2_oft_acts_through_the_compiled_blocks_like_eager_and_like_one_process(runs):
-    """rollout.compile_blocks (on by default) under FSDP2: inside the engine's rollout weights (gathered once), OFT's
-    act through the compiled blocks picks the eager act's tokens with its log-probs up to float rounding, on each
-    rank, and the same tokens as one process with the same updates."""
+def test_fsdp2_oft_acts_compiled_and_merged_like_eager_and_like_one_process(runs):
+    """Under FSDP2, inside the engine's rollout weights (gathered once): OFT's act through the compiled blocks
+    (rollout.compile_blocks, on by default) and with the LoRA adapters merged into the gathered weights
+    (rollout.merge_lora) picks the eager act's tokens with its log-probs up to float rounding, on each rank, and the
+    same tokens as one process with the same updates; every weight (shards included) is bit for bit the same after."""
     _, single_weights = runs("single_oft_act")
     single = json.loads((runs.root / "single_oft_act" / "rank0.json").read_text())["acting"]
     assert not single["used"]  # one process without model.compile_blocks: a no-op
+    assert single["merged_layers"] > 0 and single["weights_unchanged"]
     _, weights = runs("fsdp_compiled_oft_act")
     assert _max_diff(weights, single_weights) < WEIGHT_ATOL
     for rank in range(2):
         acting = json.loads((runs.root / "fsdp_compiled_oft_act" / f"rank{rank}.json").read_text())["acting"]
         assert acting["used"] and acting["graphs_compiled"] > 0
-        assert acting["compiled_tokens"] == acting["eager_tokens"] == single["eager_tokens"]
-        assert acting["max_log_prob_diff"] < 1e-4
+        assert acting["merged_layers"] == single["merged_layers"]
+        assert acting["compiled_tokens"] == acting["merged_tokens"] == acting["eager_tokens"] == single["eager_tokens"]
+        assert acting["max_log_prob_diff"] < 1e-4 and acting["merged_max_log_prob_diff"] < 1e-4
+        assert acting["weights_unchanged"]

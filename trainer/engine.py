@@ -82,16 +82,17 @@ class OptimConfig:
         return found
 
 
-MERGING_BACKENDS = ("single", "ddp")  # where every rank holds its parameters whole
+MERGING_BACKENDS = ("single", "ddp", "fsdp")  # where the rollout acts on whole parameters (FSDP2: gathered once)
 
 
 def merges_lora_for_rollout(merge_lora: bool | str, backend: str, policy=None, free_bytes: int | None = None) -> bool:
     """Whether rollouts and evaluations act with LoRA merged into the base weights (rollout.merge_lora; "auto": when
     the policy's copy of the adapted weights fits `free_bytes`, the GPU memory free now, see trainer/models/memory.py).
 
-    Only where every rank holds its parameters whole: one process or DDP. FSDP flattens and shards them, and
-    DeepSpeed's engine owns them (ZeRO-3 partitions them; ZeRO-2 is left out as well, untried), so merging in place
-    there would write into shards, not weights."""
+    Where the rollout acts on whole parameters: one process, DDP, and FSDP2 inside its rollout weights (every unit
+    gathered once; the merge and its restore write into the gathered copies, which are dropped on exit, never into
+    the shards). Not DeepSpeed: its engine owns the parameters (ZeRO-3 partitions them; ZeRO-2 is left out as well,
+    untried)."""
     if backend not in MERGING_BACKENDS or not merge_lora:
         return False
     if merge_lora == "auto":
@@ -164,8 +165,9 @@ class Engine:
     def rollout_weights(self):
         """Context for a rollout or evaluation phase: full weights on every rank, in the fastest form for acting.
 
-        Single / DDP: the LoRA adapters merged into the base for its duration when rollout.merge_lora (true, or "auto"
-        and the copy fits the free GPU memory now; restored bit for bit on exit, see VLAPolicy.merged_adapters). Sharded backends gather the weights once on entry, so
+        Single / DDP / FSDP2: the LoRA adapters merged into the base for its duration when rollout.merge_lora (true,
+        or "auto" and the copy fits the free GPU memory now; restored bit for bit on exit, see
+        VLAPolicy.merged_adapters). Sharded backends gather the weights once on entry (FSDP2 before merging), so
         forwards inside make no collective calls and ranks may make different numbers of them; every rank must
         enter together (the gather is a collective)."""
         merge = merges_lora_for_rollout(self.merge_lora, self.dist.backend, self.policy,
@@ -229,7 +231,7 @@ class FSDPEngine(DDPEngine):
 
     @contextlib.contextmanager
     def rollout_weights(self):
-        with _fsdp_unsharded(self.model):
+        with _fsdp_unsharded(self.model), super().rollout_weights():  # gathered, then merged into the gathered copies
             yield
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

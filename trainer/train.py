@@ -191,7 +191,8 @@ class RolloutConfig:
     merge_lora: bool | str = "auto"
     """Fold the LoRA adapters into the base weights for each rollout and evaluation (faster acting: no adapter GEMMs
     per decoding step), then restore the base weights bit for bit. Costs a copy of every adapted weight while merged.
-    Single-process and DDP runs only (ignored, with a notice, under FSDP / DeepSpeed); a no-op on an int8 base.
+    Single-process, DDP and FSDP2 runs (FSDP2: into the weights gathered for the rollout; ignored, with a notice, under
+    DeepSpeed); a no-op on an int8 base.
     true, false, or "auto": merge when the copy fits the free GPU memory at the rollout (never on CPU runs)."""
     pipeline: bool = True
     """Step half of a rank's env workers while the policy acts for the other half (subprocess env pools only; the
@@ -531,7 +532,7 @@ def train(config: RunConfig) -> dict:
     optimizer, scheduler = build_optimizer(config.optim, policy, config.train.iterations, config.quant.optimizer_8bit)
     engine = setup_engine(dist, policy, optimizer, config.optim, merge_lora=config.rollout.merge_lora)
     if config.rollout.merge_lora is True and not engine.merge_lora:
-        logger.print(f"rollout.merge_lora is ignored with the {dist.backend} backend (single process or DDP only)")
+        logger.print(f"rollout.merge_lora is ignored with the {dist.backend} backend (single process, DDP or FSDP2 only)")
     learner = Learner(engine, epochs=config.algo.ppo_epochs, mini_batches=config.algo.num_mini_batches,
                       micro_batch_size=config.algo.micro_batch_size, seed=config.train.seed)
     if torch.cuda.is_available():

@@ -7,8 +7,9 @@ under torchrun (2 processes, gloo; the backend from TRAINER_ACCELERATE_CONFIG) o
 Every rank writes DIR/rank<r>.json: the collectives of the second update (the first warms up: DeepSpeed traces the
 module order in it) by kind, the number of micro-batches, the loss, and the ZeRO-3 leaf modules; rank 0 writes
 DIR/after.safetensors, the trainable weights after both updates (gathered), for comparisons between set-ups.
---act: then acts on fixed observations inside the engine's rollout weights, eagerly and through the compiled blocks
-(VLAPolicy.compiled_acting, as rollout.compile_blocks does), and reports both (tokens, log-probs, graphs compiled).
+--act: then acts on fixed observations inside the engine's rollout weights, eagerly, through the compiled blocks
+(VLAPolicy.compiled_acting, as rollout.compile_blocks does) and with LoRA merged, and reports each (tokens, log-probs,
+graphs compiled, merged layers, whether the weights came back bit for bit).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from common import count_collectives, fixed_observations, fixed_samples, rank_slice, run_update, tiny_config, tiny_engine, write_json
 import torch
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
@@ -63,21 +65,40 @@ def main() -> None:
 
 
 def act_eager_and_compiled(engine) -> dict:
-    """The same sampled act (fixed observations and noise) inside rollout_weights, eager and in compiled_acting."""
+    """The same sampled act (fixed observations and noise) inside the engine's rollout weights: eager, through the
+    compiled blocks (VLAPolicy.compiled_acting, as rollout.compile_blocks does), and with the LoRA adapters merged
+    (rollout.merge_lora true) and compiled, as training rollouts run on a GPU. Also whether every weight is the same
+    after as before (bit for bit)."""
     policy = engine.policy
     policy.eval()
     observations = fixed_observations(3)
     inputs = policy.prepare(observations)
     noise = policy.sampling_noise(len(observations), torch.Generator().manual_seed(5))
+    before = full_weights(policy)
     with engine.rollout_weights():
         eager = policy.act(inputs, greedy=False, noise=noise, model=engine.model)
-        before = int(counters["stats"]["unique_graphs"])
+        graphs_before = int(counters["stats"]["unique_graphs"])
         with policy.compiled_acting() as used:
             compiled = policy.act(inputs, greedy=False, noise=noise, model=engine.model)
-        graphs = int(counters["stats"]["unique_graphs"]) - before
-    return {"used": bool(used), "graphs_compiled": graphs,
+        graphs = int(counters["stats"]["unique_graphs"]) - graphs_before
+    engine.merge_lora = True
+    with engine.rollout_weights(), policy.compiled_acting():
+        merged_layers = sum(isinstance(m, LoraLayer) and m.merged for m in policy.modules())
+        merged = policy.act(inputs, greedy=False, noise=noise, model=engine.model)
+    engine.merge_lora = False
+    after = full_weights(policy)
+    return {"used": bool(used), "graphs_compiled": graphs, "merged_layers": merged_layers,
             "eager_tokens": eager.token_ids.tolist(), "compiled_tokens": compiled.token_ids.tolist(),
-            "max_log_prob_diff": float((eager.log_probs - compiled.log_probs).abs().max())}
+            "merged_tokens": merged.token_ids.tolist(),
+            "max_log_prob_diff": float((eager.log_probs - compiled.log_probs).abs().max()),
+            "merged_max_log_prob_diff": float((eager.log_probs - merged.log_probs).abs().max()),
+            "weights_unchanged": all(torch.equal(before[name], after[name]) for name in before)}
+
+
+def full_weights(policy) -> dict[str, torch.Tensor]:
+    """name -> a full copy of every parameter (a collective under FSDP2: every rank calls)."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for name, p in policy.named_parameters()}
 
 
 if __name__ == "__main__":

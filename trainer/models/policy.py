@@ -361,9 +361,10 @@ class VLAPolicy(nn.Module):
         Does nothing when there is nothing to merge (no LoRA, or all merged / disabled already), when any adapted
         base layer is not a plain nn.Linear (an LLM.int8 base cannot take W + d without re-quantising, a loss), or
         when an adapted weight is shared with another parameter (tied embeddings: merging would change both).
-        Not for FSDP / DeepSpeed modules: their parameters are flattened or partitioned (the trainer only merges on
-        single-process and DDP runs). The `adapters_in_base_dtype` autocast is harmless while merged: the adapters
-        are not called, and the base layers compute as they do unmerged.
+        Under FSDP2 only inside the engine's rollout weights (every unit gathered: the merge writes into the gathered
+        copies, never the shards); not for DeepSpeed modules (partitioned or owned by its engine). The
+        `adapters_in_base_dtype` autocast is harmless while merged: the adapters are not called, and the base layers
+        compute as they do unmerged.
         """
         layers = self._mergeable_lora_layers()
         if not layers:
