@@ -133,7 +133,14 @@ ITERATIONS=${ITERATIONS:-3}
 E2E_ARGS=${E2E_ARGS:-}  # more trainer arguments for the LIBERO e2e / multinode stages (e.g. a tiny model for a CPU check)
 # libero_e2e only: OFT_ARGS / OPENVLA_ARGS go to that run alone (e.g. OPENVLA_ARGS="--rollout.pipeline false")
 
+TWO_GPU_STAGES=" multi followup speed scaling update_levers zero3 e2e2 libero_e2e libero_e2e2 multinode "
+gpus=$(nvidia-smi -L 2> /dev/null | grep -c "^GPU")
+
 for stage in "${@:-single}"; do
+if [[ $TWO_GPU_STAGES == *" $stage "* ]] && (( gpus < 2 )); then
+  echo "SUMMARY $stage: SKIPPED: it needs 2 GPUs, this host has $gpus (one GPU: libero_one, libero_ab, single, e2e)"
+  continue
+fi
 case "$stage" in
   single)
     export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
@@ -195,7 +202,7 @@ case "$stage" in
         --e2e-episodes ${E2E_EPISODES:-16} --e2e-max-steps ${E2E_MAX_STEPS:-40} --out "$OUT/levers.json" 2>&1
     }
     start=$SECONDS
-    if (( $(nvidia-smi -L | wc -l) >= 2 )); then  # the two halves at once, one GPU each
+    if (( gpus >= 2 )); then  # the two halves at once, one GPU each
       (export CUDA_VISIBLE_DEVICES=1; decode_stage > "$OUT/decode.log" 2>&1) &
       (export CUDA_VISIBLE_DEVICES=0; levers_stage > "$OUT/levers.log" 2>&1)
       wait
@@ -312,7 +319,7 @@ open('/tmp/deepspeed_zero3_persistent.yaml', 'w').write(s)"
     # other on all cores (E2E_TIMEOUT bounds each run)
     libero_setup || continue
     a_config=${A_CONFIG:-configs/bench_libero_oft.yaml}; b_config=${B_CONFIG:-configs/bench_libero_oft.yaml}
-    if (( $(nvidia-smi -L | wc -l) >= 2 )); then
+    if (( gpus >= 2 )); then
       half=$(( $(nproc) / 2 ))
       pinned_e2e libero_ab_a 0 0-$((half - 1)) $a_config --train.iterations $ITERATIONS $E2E_ARGS ${A_ARGS:-} &
       pinned_e2e libero_ab_b 1 $half-$(( 2 * half - 1 )) $b_config --train.iterations $ITERATIONS $E2E_ARGS \
