@@ -187,6 +187,9 @@ def test_gpu_check_script_runs_its_code_on_the_cpu(tmp_path):
     assert report["tiny_checks"]["tiny_float32"]["graph_vs_eager_token_mismatches"] == 0
     variants = report["decode"]["variants"]
     assert set(variants) == {"lora/dynamic", "lora/static", "lora merged/dynamic", "lora merged/static"}
+    for weights in ("lora", "lora merged"):  # the prefill alone takes less than the whole act (where time goes)
+        prefill = report["decode"]["prefill_seconds"][weights]["2"]["median"]
+        assert 0 < prefill < 2 / variants[f"{weights}/dynamic"]["2"]["actions_per_s"]["median"]
     assert report["decode"]["agreement"]["lora/dynamic_vs_static_b2"]["token_agreement"] == 1.0
     assert "decode_lora/static_b2" in report["speed_ratios"]
     assert (tmp_path / "decode.md").read_text().count("| lora") == 4

@@ -152,9 +152,15 @@ def plain_llama(preset_name: str, device):
 
 
 @torch.no_grad()
+def plain_prefill(lm, ids: torch.Tensor):
+    """The plain-transformers prefill: the prompt's forward, filling the dynamic KV cache (last logits only)."""
+    return lm(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+
+@torch.no_grad()
 def plain_decode7(lm, ids: torch.Tensor) -> torch.Tensor:
     """The plain-transformers decode ceiling: prefill, then 6 greedy steps with the dynamic KV cache."""
-    out = lm(input_ids=ids, use_cache=True, logits_to_keep=1)
+    out = plain_prefill(lm, ids)
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     for _ in range(6):
         out = lm(input_ids=token, past_key_values=cache, use_cache=True)
@@ -698,6 +704,8 @@ def measure_decode(device, batches=(16, 64), preset: str = "openvla-7b", repeats
     (tokens and log-probs of graphs vs eager static vs dynamic). `progress(out)` is called after each batch size."""
     device = torch.device(device)
     out: dict = {"preset": preset, "repeats": repeats, "iters": iters, "ceiling": {}, "variants": {}, "agreement": {}}
+    # also where an act's time goes: "prefill_seconds" (towers, projector and the prompt's forward with the cache,
+    # per weights state), the ceiling's prefill and towers alone; the decoding steps take the rest
     if ceiling:
         lm = plain_llama(preset, device)
         towers = _towers(preset, device)
@@ -705,10 +713,14 @@ def measure_decode(device, batches=(16, 64), preset: str = "openvla-7b", repeats
             ids = torch.randint(0, lm.config.vocab_size - 64, (batch, SEQ_OPENVLA - 7), device=device)
             plain_decode7(lm, ids)
             lm_seconds = [timed(functools.partial(plain_decode7, lm, ids), warmup=0, iters=iters) for _ in range(repeats)]
+            prefill = functools.partial(plain_prefill, lm, ids)
+            prefill_seconds = [timed(prefill, warmup=0, iters=iters) for _ in range(repeats)]
             vision = _time_towers(towers, batch, device, iters)
             out["ceiling"][batch] = {"decode7_actions_per_s": spread([batch / t for t in lm_seconds]),
                                      "decode7_plus_vision_actions_per_s": spread(
-                                         [batch / (t + vision) for t in lm_seconds])}
+                                         [batch / (t + vision) for t in lm_seconds]),
+                                     # where a call's time goes: the prefill alone, the towers alone
+                                     "prefill_seconds": spread(prefill_seconds), "towers_seconds": vision}
         lm = towers = None  # freed before the policy is built
         gc.collect()
         _reset_peak()
@@ -742,9 +754,15 @@ def measure_decode(device, batches=(16, 64), preset: str = "openvla-7b", repeats
                         print(out["errors"][f"{weights}/{mode}_b{batch}"], flush=True)
                         continue
                     out["variants"].setdefault(f"{weights}/{mode}", {})[batch] = {
-                        "actions_per_s": spread([batch / t for t in seconds]), "peak_gb": _peak_gb(),
-                        "fallbacks": 0 if decoder is None else decoder.fallbacks,
+                        "actions_per_s": spread([batch / t for t in seconds]), "seconds": spread(seconds),
+                        "peak_gb": _peak_gb(), "fallbacks": 0 if decoder is None else decoder.fallbacks,
                         "capture_error": None if decoder is None else decoder.capture_error}
+                # the act's first part alone (towers, projector, prefill with the cache), the same in every mode
+                prefill = functools.partial(policy, inputs.to(policy.device), use_cache=True)
+                with torch.no_grad():
+                    prefill()
+                    prefill_seconds = [timed(prefill, warmup=0, iters=iters) for _ in range(repeats)]
+                out.setdefault("prefill_seconds", {}).setdefault(weights, {})[batch] = spread(prefill_seconds)
             reference = results.get("static")
             for mode in results if reference is not None else ():
                 if mode != "static":
