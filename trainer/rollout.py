@@ -87,19 +87,19 @@ class RolloutStats:
         yield
         setattr(self, f"{part}_seconds", getattr(self, f"{part}_seconds") + time.perf_counter() - start)
 
-    def as_metrics(self, prefix: str = "rollout") -> dict[str, float]:
+    def time_metrics(self, prefix: str = "time") -> dict[str, float]:
+        """Where the rollout's time went, as the training loop logs it: its wall time, the parts measured in the
+        trainer, and the time inside the workers' env.step (summed over them, and per action chunk)."""
         return {
+            f"{prefix}/rollout_seconds": self.wall_seconds,
             f"{prefix}/policy_seconds": self.policy_seconds,
-            f"{prefix}/prepare_seconds": self.prepare_seconds,
             f"{prefix}/env_seconds": self.env_seconds,
+            f"{prefix}/prepare_seconds": self.prepare_seconds,
             f"{prefix}/draw_seconds": self.draw_seconds,
             f"{prefix}/send_seconds": self.send_seconds,
             f"{prefix}/record_seconds": self.record_seconds,
             f"{prefix}/worker_step_seconds": self.worker_step_seconds,
             f"{prefix}/worker_chunk_seconds": self.worker_chunk_seconds,
-            f"{prefix}/env_steps": float(self.env_steps),
-            f"{prefix}/env_steps_per_second": self.env_steps / max(self.wall_seconds, 1e-9),
-            f"{prefix}/seconds": self.wall_seconds,
         }
 
 

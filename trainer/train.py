@@ -200,7 +200,7 @@ class RolloutConfig:
     compile_blocks: bool = True
     """OpenVLA-OFT: act through the blocks compiled for the update (model.compile_blocks) in training rollouts too,
     not only in the update (no effect where the blocks are not compiled, on standard OpenVLA and in evaluations).
-    On one H200 with real LIBERO: policy calls 6.9-7.3 -> 5.1-5.8 s per iteration (docs/benchmarks.md, 2026-12-01 s5)."""
+    On one H200 with real LIBERO: policy calls 6.7-7.3 -> 5.1-5.8 s per iteration (docs/benchmarks.md, 2026-12-01 s5)."""
     reset_ahead: bool = True
     """Send the next iteration's first resets to the env workers before the update, so that they reset (building
     simulators for new tasks: seconds with LIBERO) while the update runs instead of at the next rollout's start.
@@ -642,17 +642,7 @@ def train(config: RunConfig) -> dict:
                 # Every line has the loss / grad-norm keys (null when no update ran: no samples) and the skip total.
                 **advantage_metrics, "train/loss": None, "train/grad_norm": None, **update.metrics,
                 "guard/skipped_steps_total": float(state.skipped_steps),
-                "time/rollout_seconds": rollout_stats.wall_seconds,
-                "time/policy_seconds": rollout_stats.policy_seconds,
-                "time/env_seconds": rollout_stats.env_seconds,
-                "time/prepare_seconds": rollout_stats.prepare_seconds,
-                "time/draw_seconds": rollout_stats.draw_seconds,
-                "time/send_seconds": rollout_stats.send_seconds,
-                "time/record_seconds": rollout_stats.record_seconds,
-                # inside the workers: summed over them, and per action chunk
-                "time/worker_step_seconds": rollout_stats.worker_step_seconds,
-                "time/worker_chunk_seconds": rollout_stats.worker_chunk_seconds,
-                "time/update_seconds": update_seconds,
+                **rollout_stats.time_metrics("time"), "time/update_seconds": update_seconds,
             }
             if evaluation_due(config, state.iteration):
                 eval_metrics = evaluate_policy(config, engine, pool, counts, state.iteration, stop)
