@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import contextmanager
 from itertools import pairwise
 
-import trainer.rollout
 from trainer.envs.pool import EnvPool
 from trainer.envs.sharding import build_work_items
+from trainer.rollout import Rollout
 
 SUITE = "libero_spatial"
 ENV_KWARGS = {"max_steps": 8, "camera_size": 128}
@@ -37,17 +36,6 @@ def tiny_libero_policy():
     return VLAPolicy(model, tokenizer, EnvSettings("libero", True, SUITE), value_head=False).eval()
 
 
-@contextmanager
-def items_in_order():
-    """The rule before task affinity: every free worker takes the earliest pending item."""
-    keep = trainer.rollout.Rollout.next_item
-    trainer.rollout.Rollout.next_item = lambda self, worker: self.pending.popleft()
-    try:
-        yield
-    finally:
-        trainer.rollout.Rollout.next_item = keep
-
-
 def one_run(policy, keep_task: bool) -> dict:
     items = build_work_items([(0, 0), (1, 0)], samples_per_group=2)
     with EnvPool(SUITE, 2, ENV_KWARGS, start_timeout_s=600, reset_timeout_s=600, step_timeout_s=600) as pool:
@@ -61,11 +49,8 @@ def one_run(policy, keep_task: bool) -> dict:
 
         pool.reset = recording_reset
         started = time.perf_counter()
-        if keep_task:
-            episodes, stats = trainer.rollout.collect_episodes(policy, pool, items, run_seed=0)
-        else:
-            with items_in_order():
-                episodes, stats = trainer.rollout.collect_episodes(policy, pool, items, run_seed=0)
+        # keep_tasks false: every free worker takes the earliest pending item (the rule before 2026-12-01)
+        episodes, stats = Rollout(policy, pool, items, run_seed=0, keep_tasks=keep_task).collect()
         wall = time.perf_counter() - started
         reset_seconds = [w.reset_seconds for w in pool.stats.workers]
     assert all(e.env_error is None for e in episodes), [e.env_error for e in episodes]
